@@ -1,0 +1,3 @@
+"""Postroom: a complete email service."""
+
+__version__ = "0.1.0"

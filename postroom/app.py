@@ -1,0 +1,147 @@
+"""Wires the configured backends and services together; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from postroom.config import ConfigError, Settings
+from postroom.service import MailService
+from postroom.store.blobs import BlobStore
+from postroom.store.cache import Cache
+from postroom.store.events import EventBus
+from postroom.store.metadata import MetadataStore
+from postroom.store.queue import Queue
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_path(url: str) -> str:
+    parts = urlsplit(url)
+    path = parts.path
+    if not path or path == "/":
+        raise ConfigError(f"{url!r}: no file path")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _query_int(url: str, key: str, default: int) -> int:
+    values = parse_qs(urlsplit(url).query).get(key)
+    try:
+        return int(values[0]) if values else default
+    except ValueError:
+        raise ConfigError(f"{url!r}: {key} must be an integer") from None
+
+
+def make_metadata(url: str) -> MetadataStore:
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from postroom.store.sqlite_metadata import SqliteMetadataStore
+
+        return SqliteMetadataStore(_sqlite_path(url))
+    raise ConfigError(f"unsupported metadata store {url!r} (embedded: sqlite:///PATH)")
+
+
+def make_blobs(url: str) -> BlobStore:
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        from postroom.store.fs_blobs import FsBlobStore
+
+        Path(parts.path).mkdir(parents=True, exist_ok=True)
+        return FsBlobStore(parts.path)
+    raise ConfigError(f"unsupported blob store {url!r} (embedded: file:///DIR)")
+
+
+def make_queue(url: str) -> Queue:
+    if urlsplit(url).scheme == "sqlite":
+        from postroom.store.sqlite_queue import SqliteQueue
+
+        return SqliteQueue(_sqlite_path(url))
+    raise ConfigError(f"unsupported queue {url!r} (embedded: sqlite:///PATH)")
+
+
+def make_cache(url: str) -> Cache:
+    if urlsplit(url).scheme == "memory":
+        from postroom.store.memory_cache import LruCache
+
+        return LruCache(_query_int(url, "max_entries", 10000))
+    raise ConfigError(f"unsupported cache {url!r} (embedded: memory://)")
+
+
+def make_events(url: str) -> EventBus:
+    if urlsplit(url).scheme == "local":
+        from postroom.store.local_events import LocalEventBus
+
+        return LocalEventBus()
+    raise ConfigError(f"unsupported event bus {url!r} (embedded: local://)")
+
+
+class Postroom:
+    """One node: the backends, the MailService over them, and the background workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metadata = make_metadata(settings.storage_url("metadata"))
+        self.blobs = make_blobs(settings.storage_url("blobs"))
+        self.queue = make_queue(settings.storage_url("queue"))
+        self.cache = make_cache(settings.storage_url("cache"))
+        self.events = make_events(settings.storage_url("events"))
+        self.service = MailService(
+            metadata=self.metadata,
+            blobs=self.blobs,
+            queue=self.queue,
+            cache=self.cache,
+            events=self.events,
+            hostname=settings.hostname,
+            token_ttl=settings.http.token_ttl,
+            max_message_bytes=settings.mail.max_message_bytes,
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._opened: list[Any] = []
+
+    async def open(self) -> None:
+        for backend in (self.metadata, self.blobs, self.queue, self.cache, self.events):
+            await backend.open()
+            self._opened.append(backend)
+
+    async def start_workers(self) -> None:
+        from postroom.mailflow.incoming import run_incoming_worker
+
+        for n in range(max(1, self.settings.mail.workers)):
+            self._tasks.append(asyncio.create_task(
+                run_incoming_worker(self.service, self.queue, self._stop),
+                name=f"incoming-worker-{n}",
+            ))
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("worker %s ended with %r", task.get_name(), task.exception())
+        self._tasks.clear()
+        while self._opened:
+            backend = self._opened.pop()
+            try:
+                await backend.close()
+            except Exception:
+                log.exception("closing %r failed", backend)
+
+    async def __aenter__(self) -> Postroom:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

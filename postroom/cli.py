@@ -1,0 +1,233 @@
+"""The `postroom` command: serve, and manage domains, users, aliases and the queues.
+
+Management commands open the same storage as the server (SQLite in WAL mode takes a second
+writer), so they work while the server runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from postroom import __version__
+from postroom.app import Postroom
+from postroom.config import ConfigError, Settings, load_settings, parse_hostport
+from postroom.service import ServiceError
+from postroom.store.queue import INCOMING, OUTGOING
+
+log = logging.getLogger("postroom")
+
+LISTENER_FLAGS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+
+
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed, else on the standard event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    result: int = uvloop.run(coro)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="postroom", description="Postroom mail server")
+    parser.add_argument("--version", action="version", version=f"postroom {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="data directory (default ./postroom-data, or POSTROOM_DATA_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server (HTTP API and workers)")
+    serve.add_argument("--http", metavar="HOST:PORT", help="HTTP listener (default 127.0.0.1:8080)")
+    serve.add_argument("--hostname", help="this server's host name (HELO, Message-IDs)")
+    for name in LISTENER_FLAGS:
+        serve.add_argument(f"--{name}", metavar="HOST:PORT", help=f"{name.upper()} listener")
+
+    domain = sub.add_parser("domain", help="local mail domains")
+    dsub = domain.add_subparsers(dest="action", required=True)
+    dsub.add_parser("add", help="add a local domain").add_argument("name")
+    dsub.add_parser("remove", help="remove a domain without users").add_argument("name")
+    dsub.add_parser("list", help="list local domains")
+
+    user = sub.add_parser("user", help="mail users")
+    usub = user.add_subparsers(dest="action", required=True)
+    add = usub.add_parser("add", help="add a user (prompts for the password when omitted)")
+    add.add_argument("address")
+    add.add_argument("--password", help="the password (avoid: it shows in the process list)")
+    passwd = usub.add_parser("passwd", help="change a user's password")
+    passwd.add_argument("address")
+    passwd.add_argument("--password")
+    ulist = usub.add_parser("list", help="list users")
+    ulist.add_argument("--domain")
+    usub.add_parser("remove", help="remove a user and all their mail").add_argument("address")
+
+    alias = sub.add_parser("alias", help="address aliases")
+    asub = alias.add_subparsers(dest="action", required=True)
+    aadd = asub.add_parser("add", help="deliver mail for ALIAS to TARGET")
+    aadd.add_argument("alias")
+    aadd.add_argument("target")
+    asub.add_parser("remove", help="remove an alias").add_argument("alias")
+    asub.add_parser("list", help="list aliases")
+
+    queue = sub.add_parser("queue", help="inspect the mail queues")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    qlist = qsub.add_parser("list", help="list queued items")
+    qlist.add_argument("--topic", choices=[INCOMING, OUTGOING], default=None)
+    qlist.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.command == "serve":
+        overrides["http.listen"] = args.http
+        overrides["hostname"] = args.hostname
+        for name in LISTENER_FLAGS:
+            overrides[f"listeners.{name}"] = getattr(args, name)
+    return load_settings(args.config, **overrides)
+
+
+def read_password(given: str | None) -> str:
+    if given is not None:
+        return given
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise ServiceError("passwords do not match")
+    return first
+
+
+async def with_node(settings: Settings, job: Callable[[Postroom], Awaitable[int]]) -> int:
+    async with Postroom(settings) as node:
+        return await job(node)
+
+
+async def manage(args: argparse.Namespace, node: Postroom) -> int:
+    service = node.service
+    cmd, action = args.command, args.action
+    if cmd == "domain":
+        if action == "add":
+            added = await service.add_domain(args.name)
+            print(f"added domain {added.name}")
+        elif action == "remove":
+            await service.remove_domain(args.name)
+            print(f"removed domain {args.name}")
+        else:
+            for domain in await service.list_domains():
+                print(domain.name)
+    elif cmd == "user":
+        if action == "add":
+            user = await service.add_user(args.address, read_password(args.password))
+            print(f"added user {user.address}")
+        elif action == "passwd":
+            await service.set_password(args.address, read_password(args.password))
+            print(f"password changed for {args.address}")
+        elif action == "remove":
+            await service.remove_user(args.address)
+            print(f"removed user {args.address}")
+        else:
+            for u in await service.list_users(args.domain):
+                print(u.address)
+    elif cmd == "alias":
+        if action == "add":
+            alias = await service.add_alias(args.alias, args.target)
+            print(f"added alias {alias.alias} -> {alias.target}")
+        elif action == "remove":
+            await service.remove_alias(args.alias)
+            print(f"removed alias {args.alias}")
+        else:
+            for a in await service.list_aliases():
+                print(f"{a.alias} -> {a.target}")
+    elif cmd == "queue":
+        topics = [args.topic] if args.topic else [INCOMING, OUTGOING]
+        rows = []
+        for topic in topics:
+            for item in await node.queue.list(topic, limit=1000):
+                try:
+                    payload = json.loads(item.payload)
+                except ValueError:
+                    payload = {}
+                rows.append({
+                    "topic": topic, "id": item.item_id, "attempts": item.attempts,
+                    "enqueued_at": item.enqueued_at, "next_attempt": item.not_before,
+                    "from": payload.get("mail_from", ""), "to": payload.get("rcpt_to", []),
+                    "last_error": item.last_error,
+                })
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["next_attempt"]))
+                print(f"{row['topic']:8} {row['id']} attempts={row['attempts']} next={when}Z "
+                      f"from=<{row['from']}> to={','.join(row['to'])} {row['last_error']}")
+            print(f"{len(rows)} item(s)")
+    return 0
+
+
+async def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from postroom.http.api import create_app
+    from postroom.http.server import HttpServer
+
+    for name in LISTENER_FLAGS:
+        if getattr(settings.listeners, name):
+            raise ConfigError(f"the {name} listener is not available in this version")
+    host, port = parse_hostport(settings.http.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with Postroom(settings) as node:
+        await node.start_workers()
+        app = create_app(node.service, settings.http.max_request_bytes)
+        config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
+                                lifespan="off", access_log=False, server_header=False)
+        server = HttpServer(config)
+        http_task = asyncio.create_task(server.serve(), name="http")
+        log.info("postroom %s serving HTTP on http://%s:%d (data in %s)", __version__, host, port,
+                 settings.data_dir.resolve())
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await http_task
+        if http_task in done and not server.started:
+            log.error("the HTTP listener could not start on %s:%d", host, port)
+            return 1
+        log.info("postroom stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from(args)
+        logging.getLogger().setLevel(settings.log_level.upper())
+        if args.command == "serve":
+            return run_async(serve(settings))
+        return run_async(with_node(settings, lambda node: manage(args, node)))
+    except (ConfigError, ServiceError) as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

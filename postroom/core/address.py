@@ -1,0 +1,66 @@
+"""Mail addresses: normalisation of user addresses and domains (IDNA, SMTPUTF8)."""
+
+from __future__ import annotations
+
+import re
+from email.headerregistry import Address
+from email.utils import getaddresses
+
+# A dot-atom or quoted local part is accepted; we only refuse what can never be an address.
+_LOCAL_BAD = re.compile(r"[\s<>()\[\],;:\\\"\x00-\x1f\x7f]")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+class AddressError(ValueError):
+    """An address or domain that cannot be used."""
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case a domain and convert it to its IDNA (A-label) form."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        raise AddressError("empty domain")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise AddressError(f"invalid domain {domain!r}: {exc}") from None
+    labels = ascii_domain.split(".")
+    if len(ascii_domain) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise AddressError(f"invalid domain {domain!r}")
+    return ascii_domain
+
+
+def normalize_address(address: str) -> str:
+    """`Local@Domain` -> `local@domain` with the domain in IDNA form.
+
+    Local parts are compared case-insensitively, as every major provider does (RFC 5321
+    allows a server to do so for its own mailboxes).
+    """
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, sep, domain = address.rpartition("@")
+    if not sep or not local:
+        raise AddressError(f"invalid address {address!r}: expected local@domain")
+    if len(local.encode()) > 64 or _LOCAL_BAD.search(local) or local.startswith(".") \
+            or local.endswith(".") or ".." in local:
+        raise AddressError(f"invalid local part in {address!r}")
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def parse_address_list(values: list[str]) -> list[tuple[str, str]]:
+    """Header values -> [(display name, address)], skipping groups' empty members."""
+    return [(name, addr) for name, addr in getaddresses(values) if addr]
+
+
+def format_address(name: str, address: str) -> str:
+    """One address for a header, quoting and encoding the display name as needed."""
+    local, _, domain = address.rpartition("@")
+    try:
+        return str(Address(display_name=name, username=local, domain=domain))
+    except (ValueError, IndexError):
+        return f"<{address}>"

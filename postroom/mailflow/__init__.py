@@ -1,0 +1,1 @@
+"""Mail flow: incoming processing and (later) outgoing delivery, fed by the queues."""

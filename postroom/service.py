@@ -1,0 +1,814 @@
+"""MailService: the one facade every protocol server and the CLI use.
+
+Protocol servers parse and format their protocol and call this class; they never open a database
+or a file. Authorisation is enforced here: every method that reaches mail takes the `User` acting,
+and every lookup is scoped by that user's id, so a message id of another user is simply not found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from postroom.core.address import (
+    AddressError,
+    domain_of,
+    normalize_address,
+    normalize_domain,
+)
+from postroom.core.compose import ComposeError, compose_message, make_message_id
+from postroom.core.message import Attachment, ParsedMessage, attachment_part, parse_message
+from postroom.core.models import (
+    DEFAULT_FOLDERS,
+    Alias,
+    Domain,
+    Envelope,
+    Flag,
+    FlagError,
+    Flags,
+    Folder,
+    FolderCounts,
+    FolderNameError,
+    FolderRole,
+    MessageRecord,
+    NewMessage,
+    User,
+    normalize_folder_name,
+)
+from postroom.core.threads import thread_refs
+from postroom.store.blobs import BlobStore
+from postroom.store.cache import Cache
+from postroom.store.errors import Conflict, NotFound
+from postroom.store.events import (
+    FOLDER_CHANGED,
+    MESSAGE_DELETED,
+    MESSAGE_FLAGS,
+    MESSAGE_MOVED,
+    MESSAGE_NEW,
+    Event,
+    EventBus,
+)
+from postroom.store.metadata import Expunged, ListCursor, MetadataStore, Token
+from postroom.store.queue import INCOMING, OUTGOING, Queue
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of the errors MailService raises; each protocol maps them to its own replies."""
+
+    code = "error"
+
+
+class NotFoundError(ServiceError):
+    code = "not_found"
+
+
+class ConflictError(ServiceError):
+    code = "conflict"
+
+
+class InvalidInput(ServiceError):
+    code = "invalid_input"
+
+
+class AuthFailed(ServiceError):
+    code = "unauthorized"
+
+
+class TooManyAttempts(ServiceError):
+    code = "too_many_attempts"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    messages: list[MessageRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDetail:
+    record: MessageRecord
+    parsed: ParsedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingAttachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message to send, as the API and webmail describe it."""
+
+    to: tuple[str, ...] = ()
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    subject: str = ""
+    text: str | None = None
+    html: str | None = None
+    attachments: tuple[OutgoingAttachment, ...] = ()
+    in_reply_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    sent: MessageRecord
+    delivered: tuple[str, ...]
+    queued: tuple[str, ...]
+    queue_item: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What happened to each recipient of one delivery."""
+
+    delivered: dict[str, MessageRecord] = field(default_factory=dict)
+    unknown: tuple[str, ...] = ()
+
+
+def encode_cursor(cursor: ListCursor) -> str:
+    text = f"{cursor.internal_date!r}:{cursor.uid}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> ListCursor:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        date_text, uid_text = text.split(":")
+        return ListCursor(float(date_text), int(uid_text))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidInput("invalid cursor") from None
+
+
+class AuthThrottle:
+    """Counts failed logins per address and per client; refuses once a key exceeds the limit.
+
+    In-process by design: each node throttles what it sees, which is what stops a single
+    client hammering one listener.
+    """
+
+    def __init__(self, limit: int = 10, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, list[float]] = {}
+
+    def check(self, *keys: str) -> None:
+        now = time.monotonic()
+        for key in keys:
+            recent = [t for t in self._failures.get(key, []) if now - t < self.window]
+            if recent:
+                self._failures[key] = recent
+            else:
+                self._failures.pop(key, None)
+            if len(recent) >= self.limit:
+                raise TooManyAttempts("too many failed logins; try again later")
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        for key in keys:
+            self._failures.setdefault(key, []).append(now)
+        if len(self._failures) > 100_000:  # bound memory under a spray of random keys
+            self._failures.clear()
+
+    def succeeded(self, *keys: str) -> None:
+        for key in keys:
+            self._failures.pop(key, None)
+
+
+class MailService:
+    def __init__(
+        self,
+        *,
+        metadata: MetadataStore,
+        blobs: BlobStore,
+        queue: Queue,
+        cache: Cache,
+        events: EventBus,
+        hostname: str,
+        token_ttl: float = 30 * 24 * 3600.0,
+        max_message_bytes: int = 50 * 1024 * 1024,
+    ) -> None:
+        self.metadata = metadata
+        self.blobs = blobs
+        self.queue = queue
+        self.cache = cache
+        self.events = events
+        self.hostname = hostname
+        self.token_ttl = token_ttl
+        self.max_message_bytes = max_message_bytes
+        self.hasher = PasswordHasher()
+        self.throttle = AuthThrottle()
+        # Verified (address, password) pairs, keyed by an HMAC under a per-process secret:
+        # argon2 costs ~100 ms by design, far too much to pay on every API request.
+        self._auth_secret = os.urandom(32)
+        self._verified: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    # ----------------------------------------------------------------- domains, users, aliases
+
+    async def add_domain(self, name: str) -> Domain:
+        domain = self._domain(name)
+        try:
+            return await self.metadata.add_domain(domain)
+        except Conflict:
+            raise ConflictError(f"domain {domain} already exists") from None
+
+    async def remove_domain(self, name: str) -> None:
+        domain = self._domain(name)
+        try:
+            await self.metadata.remove_domain(domain)
+        except NotFound:
+            raise NotFoundError(f"no such domain {domain}") from None
+        except Conflict:
+            raise ConflictError(f"domain {domain} still has users; remove them first") from None
+
+    async def list_domains(self) -> list[Domain]:
+        return await self.metadata.list_domains()
+
+    async def is_local_domain(self, domain: str) -> bool:
+        try:
+            return await self.metadata.has_domain(normalize_domain(domain))
+        except AddressError:
+            return False
+
+    async def add_user(self, address: str, password: str) -> User:
+        addr = self._address(address)
+        if not await self.metadata.has_domain(domain_of(addr)):
+            raise InvalidInput(f"domain {domain_of(addr)} is not a local domain; add it first")
+        if await self.metadata.get_alias(addr) is not None:
+            raise ConflictError(f"{addr} is already an alias")
+        self._check_password(password)
+        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        try:
+            user = await self.metadata.create_user(addr, password_hash)
+        except Conflict:
+            raise ConflictError(f"user {addr} already exists") from None
+        for name, role in DEFAULT_FOLDERS:
+            await self.metadata.create_folder(user.user_id, name, role)
+        return user
+
+    async def set_password(self, address: str, password: str) -> None:
+        user = await self._user_by_address(address)
+        self._check_password(password)
+        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        await self.metadata.set_password(user.user_id, password_hash)
+
+    async def remove_user(self, address: str) -> None:
+        user = await self._user_by_address(address)
+        await self.metadata.delete_user(user.user_id)
+        await self.cache.delete_prefix(self._cache_prefix(user.user_id))
+
+    async def list_users(self, domain: str | None = None) -> list[User]:
+        return await self.metadata.list_users(self._domain(domain) if domain else None)
+
+    async def get_user(self, user_id: str) -> User | None:
+        return await self.metadata.get_user(user_id)
+
+    async def add_alias(self, alias: str, target: str) -> Alias:
+        alias_addr = self._address(alias)
+        target_addr = self._address(target)
+        if not await self.metadata.has_domain(domain_of(alias_addr)):
+            raise InvalidInput(f"domain {domain_of(alias_addr)} is not a local domain")
+        if await self.metadata.get_user_by_address(alias_addr) is not None:
+            raise ConflictError(f"{alias_addr} is a user")
+        if alias_addr == target_addr:
+            raise InvalidInput("an alias cannot point to itself")
+        try:
+            return await self.metadata.add_alias(alias_addr, target_addr)
+        except Conflict:
+            raise ConflictError(f"alias {alias_addr} already exists") from None
+
+    async def remove_alias(self, alias: str) -> None:
+        try:
+            await self.metadata.remove_alias(self._address(alias))
+        except NotFound:
+            raise NotFoundError(f"no such alias {alias}") from None
+
+    async def list_aliases(self) -> list[Alias]:
+        return await self.metadata.list_aliases()
+
+    async def resolve_recipient(self, address: str) -> User | None:
+        """The local user an address delivers to: user, alias chain, or `user+tag`."""
+        try:
+            addr = normalize_address(address)
+        except AddressError:
+            return None
+        for _ in range(8):  # alias chains are short; a loop must not hang delivery
+            user = await self.metadata.get_user_by_address(addr)
+            if user is not None:
+                return user
+            alias = await self.metadata.get_alias(addr)
+            if alias is None:
+                break
+            addr = alias.target
+        local, _, domain = addr.rpartition("@")
+        if "+" in local:  # subaddressing (RFC 5233)
+            return await self.resolve_recipient(f"{local.partition('+')[0]}@{domain}")
+        return None
+
+    # ------------------------------------------------------------------------ authentication
+
+    async def authenticate(self, address: str, password: str, client: str = "") -> User:
+        """The user for these credentials; AuthFailed or TooManyAttempts otherwise."""
+        keys = [f"addr:{address.lower()}"] + ([f"client:{client}"] if client else [])
+        self.throttle.check(*keys)
+        try:
+            addr = normalize_address(address)
+        except AddressError:
+            addr = ""
+        user = await self.metadata.get_user_by_address(addr) if addr else None
+        if user is not None and await self._password_matches(user, password):
+            self.throttle.succeeded(*keys)
+            return user
+        self.throttle.failed(*keys)
+        raise AuthFailed("invalid credentials")
+
+    async def _password_matches(self, user: User, password: str) -> bool:
+        key = hmac.digest(
+            self._auth_secret,
+            f"{user.user_id}\0{user.password_hash}\0{password}".encode(),
+            "sha256",
+        )
+        hit = self._verified.get(key)
+        if hit is not None and hit[1] > time.monotonic():
+            return True
+        try:
+            await asyncio.to_thread(self.hasher.verify, user.password_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        self._verified[key] = (user.user_id, time.monotonic() + 300)
+        while len(self._verified) > 10_000:
+            self._verified.popitem(last=False)
+        return True
+
+    async def issue_token(self, user: User, ttl: float | None = None) -> tuple[str, float]:
+        """A new bearer token (returned once, stored only as its sha256) and its expiry."""
+        token = "pr_" + secrets.token_urlsafe(32)
+        expires_at = time.time() + (ttl if ttl is not None else self.token_ttl)
+        await self.metadata.add_token(Token(self._token_hash(token), user.user_id, expires_at))
+        return token, expires_at
+
+    async def user_for_token(self, token: str) -> User:
+        stored = await self.metadata.get_token(self._token_hash(token))
+        if stored is None:
+            raise AuthFailed("invalid token")
+        if stored.expires_at <= time.time():
+            await self.metadata.delete_token(stored.token_hash)
+            raise AuthFailed("token expired")
+        user = await self.metadata.get_user(stored.user_id)
+        if user is None:
+            raise AuthFailed("invalid token")
+        return user
+
+    async def revoke_token(self, token: str) -> None:
+        await self.metadata.delete_token(self._token_hash(token))
+
+    @staticmethod
+    def _token_hash(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    # -------------------------------------------------------------------------------- folders
+
+    async def list_folders(self, user: User) -> list[tuple[Folder, FolderCounts]]:
+        folders = await self.metadata.list_folders(user.user_id)
+        counts = await self.metadata.folder_counts(user.user_id)
+        empty = FolderCounts(0, 0)
+        return [(f, counts.get(f.folder_id, empty)) for f in folders]
+
+    async def get_folder(self, user: User, folder: str) -> Folder:
+        """A folder by id, or by name (INBOX, Sent, a/b) for convenience."""
+        found = await self.metadata.get_folder(user.user_id, folder)
+        if found is None:
+            try:
+                name = normalize_folder_name(folder)
+            except FolderNameError:
+                name = ""
+            found = await self.metadata.get_folder_by_name(user.user_id, name) if name else None
+        if found is None:
+            raise NotFoundError("no such folder")
+        return found
+
+    async def folder_by_role(self, user: User, role: FolderRole) -> Folder:
+        folder = await self.metadata.get_folder_by_role(user.user_id, role)
+        if folder is None:  # a role folder removed by hand is recreated on demand
+            default = dict((r, n) for n, r in DEFAULT_FOLDERS)[role]
+            try:
+                folder = await self.metadata.create_folder(user.user_id, default, role)
+            except Conflict:
+                folder = await self.metadata.get_folder_by_name(user.user_id, default)
+                if folder is None:
+                    raise
+        return folder
+
+    async def create_folder(self, user: User, name: str) -> Folder:
+        clean = self._folder_name(name)
+        parts = clean.split("/")
+        # Parents are created as needed, as IMAP CREATE does (RFC 3501 §6.3.3).
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if await self.metadata.get_folder_by_name(user.user_id, parent) is None:
+                try:
+                    await self.metadata.create_folder(user.user_id, parent)
+                except Conflict:
+                    pass
+        try:
+            folder = await self.metadata.create_folder(user.user_id, clean)
+        except Conflict:
+            raise ConflictError(f"folder {clean} already exists") from None
+        await self._publish(Event(FOLDER_CHANGED, user.user_id, folder.folder_id,
+                                  data={"name": folder.name, "change": "created"}))
+        return folder
+
+    async def rename_folder(self, user: User, folder: str, new_name: str) -> Folder:
+        current = await self.get_folder(user, folder)
+        clean = self._folder_name(new_name)
+        if current.role is FolderRole.INBOX:
+            raise InvalidInput("INBOX cannot be renamed")
+        if clean == "INBOX" or clean.startswith("INBOX/") and current.name == "INBOX":
+            raise ConflictError("INBOX already exists")
+        if clean == current.name or clean.startswith(current.name + "/"):
+            raise InvalidInput("a folder cannot be renamed to itself or below itself")
+        try:
+            renamed = await self.metadata.rename_folder(user.user_id, current.folder_id, clean)
+        except Conflict:
+            raise ConflictError(f"folder {clean} already exists") from None
+        await self._changed(user.user_id)
+        await self._publish(Event(FOLDER_CHANGED, user.user_id, renamed.folder_id,
+                                  data={"name": renamed.name, "change": "renamed"}))
+        return renamed
+
+    async def delete_folder(self, user: User, folder: str) -> None:
+        current = await self.get_folder(user, folder)
+        if current.role is not None:
+            raise InvalidInput(f"{current.name} is a special-use folder and cannot be deleted")
+        try:
+            await self.metadata.delete_folder(user.user_id, current.folder_id)
+        except Conflict:
+            raise ConflictError(f"{current.name} has subfolders; delete them first") from None
+        await self._changed(user.user_id)
+        await self._publish(Event(FOLDER_CHANGED, user.user_id, current.folder_id,
+                                  data={"name": current.name, "change": "deleted"}))
+
+    async def set_subscribed(self, user: User, folder: str, subscribed: bool) -> None:
+        current = await self.get_folder(user, folder)
+        await self.metadata.set_subscribed(user.user_id, current.folder_id, subscribed)
+
+    # ------------------------------------------------------------------------------- messages
+
+    async def list_messages(
+        self, user: User, folder: str, limit: int = 50, cursor: str | None = None
+    ) -> Page:
+        if not 1 <= limit <= 500:
+            raise InvalidInput("limit must be between 1 and 500")
+        target = await self.get_folder(user, folder)
+        before = decode_cursor(cursor) if cursor else None
+        records = await self.metadata.list_messages(user.user_id, target.folder_id, limit + 1,
+                                                    before)
+        more = len(records) > limit
+        records = records[:limit]
+        next_cursor = None
+        if more and records:
+            last = records[-1]
+            next_cursor = encode_cursor(ListCursor(last.internal_date, last.uid))
+        return Page(records, next_cursor)
+
+    async def get_message(self, user: User, message_id: str) -> MessageRecord:
+        record = await self.metadata.get_message(user.user_id, message_id)
+        if record is None:
+            raise NotFoundError("no such message")
+        return record
+
+    async def message_detail(self, user: User, message_id: str) -> MessageDetail:
+        record = await self.get_message(user, message_id)
+        raw = await self.blobs.get(record.blob_hash)
+        return MessageDetail(record, parse_message(raw))
+
+    async def raw_message(self, user: User, message_id: str) -> bytes:
+        """Exactly the bytes that were received."""
+        record = await self.get_message(user, message_id)
+        return await self.blobs.get(record.blob_hash)
+
+    async def attachment(self, user: User, message_id: str, index: int) -> Attachment:
+        raw = await self.raw_message(user, message_id)
+        part = attachment_part(raw, index)
+        if part is None:
+            raise NotFoundError("no such attachment")
+        return part
+
+    async def set_flags(
+        self,
+        user: User,
+        message_ids: Sequence[str],
+        *,
+        add: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        replace: Sequence[str] | None = None,
+    ) -> list[MessageRecord]:
+        try:
+            add_flags = Flags.parse(list(add)) if add else None
+            remove_flags = Flags.parse(list(remove)) if remove else None
+            replace_flags = Flags.parse(list(replace)) if replace is not None else None
+        except FlagError as exc:
+            raise InvalidInput(str(exc)) from None
+        changed = await self.metadata.store_flags(
+            user.user_id, message_ids, add=add_flags, remove=remove_flags, replace=replace_flags
+        )
+        if changed:
+            await self._changed(user.user_id)
+        for record in changed:
+            await self._publish(Event(MESSAGE_FLAGS, user.user_id, record.folder_id, record.uid,
+                                      record.modseq, record.message_id,
+                                      {"flags": record.flags.names()}))
+        return changed
+
+    async def move(self, user: User, message_ids: Sequence[str], folder: str) -> list[MessageRecord]:
+        target = await self.get_folder(user, folder)
+        moved = await self.metadata.move_messages(user.user_id, message_ids, target.folder_id)
+        if moved:
+            await self._changed(user.user_id)
+        for old, new in moved:
+            await self._publish(Event(MESSAGE_MOVED, user.user_id, new.folder_id, new.uid,
+                                      new.modseq, new.message_id,
+                                      {"from_folder_id": old.folder_id, "from_uid": old.uid}))
+        return [new for _, new in moved]
+
+    async def copy(self, user: User, message_ids: Sequence[str], folder: str) -> list[MessageRecord]:
+        target = await self.get_folder(user, folder)
+        copies = await self.metadata.copy_messages(user.user_id, message_ids, target.folder_id)
+        if copies:
+            await self._changed(user.user_id)
+        for record in copies:
+            await self._publish(self._new_event(record))
+        return copies
+
+    async def delete(self, user: User, message_id: str) -> MessageRecord | None:
+        """Move to Trash; a message already in Trash is expunged (returns None then)."""
+        record = await self.get_message(user, message_id)
+        trash = await self.folder_by_role(user, FolderRole.TRASH)
+        if record.folder_id == trash.folder_id:
+            await self.expunge(user, [message_id])
+            return None
+        moved = await self.move(user, [message_id], trash.folder_id)
+        return moved[0] if moved else None
+
+    async def expunge(self, user: User, message_ids: Sequence[str]) -> list[Expunged]:
+        removed = await self.metadata.expunge(user.user_id, message_ids)
+        if removed:
+            await self._changed(user.user_id)
+        for gone in removed:
+            await self._publish(Event(MESSAGE_DELETED, user.user_id, gone.folder_id, gone.uid,
+                                      gone.modseq, gone.message_id))
+        return removed
+
+    async def append(
+        self,
+        user: User,
+        folder: str,
+        raw: bytes,
+        flags: Sequence[str] = (),
+        internal_date: float | None = None,
+    ) -> MessageRecord:
+        """Store a message the user supplies (IMAP APPEND, drafts)."""
+        target = await self.get_folder(user, folder)
+        try:
+            parsed_flags = Flags.parse(list(flags))
+        except FlagError as exc:
+            raise InvalidInput(str(exc)) from None
+        self._check_size(raw)
+        record, _ = await self._file(user, target, raw, parse_message(raw), parsed_flags,
+                                     internal_date, None)
+        return record
+
+    # ------------------------------------------------------------------------------ delivery
+
+    async def deliver(
+        self, envelope: Envelope, raw: bytes, delivery_key: str | None = None
+    ) -> DeliveryResult:
+        """File a received message into each local recipient's INBOX.
+
+        With a delivery_key (the incoming queue item id), each recipient's copy is recorded
+        with `key:recipient`, so a redelivered queue item never makes a second copy.
+        """
+        self._check_size(raw)
+        parsed = parse_message(raw)
+        delivered: dict[str, MessageRecord] = {}
+        unknown: list[str] = []
+        seen_users: set[str] = set()
+        for rcpt in envelope.rcpt_to:
+            user = await self.resolve_recipient(rcpt)
+            if user is None:
+                unknown.append(rcpt)
+                continue
+            if user.user_id in seen_users:  # two aliases of one user: one copy
+                continue
+            seen_users.add(user.user_id)
+            inbox = await self.folder_by_role(user, FolderRole.INBOX)
+            key = f"{delivery_key}:{user.user_id}" if delivery_key else None
+            try:
+                record, _ = await self._file(user, inbox, raw, parsed, Flags(), None, key)
+            except Conflict:
+                continue  # delivered before and since expunged by the user: nothing to redo
+            delivered[rcpt] = record
+        return DeliveryResult(delivered, tuple(unknown))
+
+    async def enqueue_incoming(self, envelope: Envelope, raw: bytes) -> str:
+        """Make a received message durable on the incoming queue; SMTP says 250 after this."""
+        self._check_size(raw)
+        digest = await self.blobs.put(raw)
+        payload = {
+            "mail_from": envelope.mail_from,
+            "rcpt_to": list(envelope.rcpt_to),
+            "client_ip": envelope.client_ip,
+            "helo": envelope.helo,
+            "authenticated_as": envelope.authenticated_as,
+            "blob": digest,
+            "received_at": time.time(),
+        }
+        return await self.queue.put(INCOMING, json.dumps(payload).encode())
+
+    async def process_incoming(self, payload: bytes, item_id: str) -> DeliveryResult:
+        """Deliver one incoming queue item (idempotent: keyed by the item id)."""
+        data = json.loads(payload)
+        raw = await self.blobs.get(data["blob"])
+        envelope = Envelope(data["mail_from"], tuple(data["rcpt_to"]), data.get("client_ip", ""),
+                            data.get("helo", ""), data.get("authenticated_as", ""))
+        return await self.deliver(envelope, raw, delivery_key=item_id)
+
+    async def send(self, user: User, draft: Draft) -> SendResult:
+        """Send as the user: local recipients directly, remote ones via the outgoing queue."""
+        to, cc, bcc = (self._addresses(draft.to), self._addresses(draft.cc),
+                       self._addresses(draft.bcc))
+        recipients = list(dict.fromkeys([*to, *cc, *bcc]))
+        if not recipients:
+            raise InvalidInput("at least one recipient is required")
+        local_users: dict[str, User] = {}
+        remote: list[str] = []
+        for rcpt in recipients:
+            if await self.metadata.has_domain(domain_of(rcpt)):
+                target = await self.resolve_recipient(rcpt)
+                if target is None:
+                    raise InvalidInput(f"no such local recipient: {rcpt}")
+                local_users[rcpt] = target
+            else:
+                remote.append(rcpt)
+        references: list[str] = []
+        in_reply_to: str | None = None
+        replied: MessageRecord | None = None
+        if draft.in_reply_to:
+            if draft.in_reply_to.startswith("<"):
+                in_reply_to = draft.in_reply_to
+            else:
+                replied = await self.get_message(user, draft.in_reply_to)
+                in_reply_to = replied.headers.message_id or None
+                references = list(replied.headers.references)
+            if in_reply_to:
+                references.append(in_reply_to)
+        common = dict(
+            from_addr=user.address, from_name="", to=to, cc=cc, bcc=bcc, subject=draft.subject,
+            text=draft.text, html=draft.html,
+            attachments=[(a.filename, a.content_type, a.data) for a in draft.attachments],
+            in_reply_to=in_reply_to, references=references,
+            message_id=make_message_id(self.hostname), date=time.time(),
+        )
+        try:
+            sent_copy = compose_message(**common, include_bcc=True)  # type: ignore[arg-type]
+            transmitted = compose_message(**common, include_bcc=False)  # type: ignore[arg-type]
+        except ComposeError as exc:
+            raise InvalidInput(str(exc)) from None
+        self._check_size(transmitted)
+
+        # Remote recipients first: once the message is on the outgoing queue it will go out,
+        # so the Sent copy and local deliveries follow only a durable hand-off.
+        queue_item = None
+        if remote:
+            digest = await self.blobs.put(transmitted)
+            payload = {"mail_from": user.address, "rcpt_to": remote, "blob": digest,
+                       "user_id": user.user_id, "queued_at": time.time()}
+            queue_item = await self.queue.put(OUTGOING, json.dumps(payload).encode())
+        delivered: list[str] = []
+        if local_users:
+            result = await self.deliver(
+                Envelope(user.address, tuple(local_users), authenticated_as=user.address),
+                transmitted,
+            )
+            delivered = list(result.delivered)
+        sent_folder = await self.folder_by_role(user, FolderRole.SENT)
+        sent, _ = await self._file(user, sent_folder, sent_copy, parse_message(sent_copy),
+                                   Flags(Flag.SEEN), None, None)
+        if replied is not None:
+            await self.set_flags(user, [replied.message_id], add=["\\Answered"])
+        return SendResult(sent, tuple(delivered), tuple(remote), queue_item)
+
+    # ------------------------------------------------------------------------------ internals
+
+    async def _file(
+        self,
+        user: User,
+        folder: Folder,
+        raw: bytes,
+        parsed: ParsedMessage,
+        flags: Flags,
+        internal_date: float | None,
+        delivery_key: str | None,
+    ) -> tuple[MessageRecord, bool]:
+        digest = await self.blobs.put(raw)
+        new = NewMessage(
+            blob_hash=digest,
+            size=len(raw),
+            internal_date=internal_date if internal_date is not None else time.time(),
+            headers=parsed.headers,
+            snippet=parsed.snippet,
+            has_attachments=parsed.has_attachments,
+            flags=flags,
+        )
+        try:
+            record, created = await self.metadata.insert_message(
+                user.user_id, folder.folder_id, new, delivery_key=delivery_key
+            )
+        except NotFound:
+            raise NotFoundError("no such folder") from None
+        if created:
+            await self._changed(user.user_id)
+            await self._publish(self._new_event(record))
+        return record, created
+
+    @staticmethod
+    def _new_event(record: MessageRecord) -> Event:
+        return Event(MESSAGE_NEW, record.user_id, record.folder_id, record.uid, record.modseq,
+                     record.message_id, {"thread_id": record.thread_id,
+                                         "refs": thread_refs(record.headers)[:5]})
+
+    async def _publish(self, event: Event) -> None:
+        try:
+            await self.events.publish(event)
+        except Exception:  # a lost notification must never fail the change it reports
+            log.exception("publishing %s failed", event.type)
+
+    async def _changed(self, user_id: str) -> None:
+        await self.cache.delete_prefix(self._cache_prefix(user_id))
+
+    @staticmethod
+    def _cache_prefix(user_id: str) -> str:
+        return f"u:{user_id}:"
+
+    def _check_size(self, raw: bytes) -> None:
+        if len(raw) > self.max_message_bytes:
+            raise InvalidInput(f"message exceeds the maximum size of {self.max_message_bytes} "
+                               "bytes")
+
+    async def _user_by_address(self, address: str) -> User:
+        user = await self.metadata.get_user_by_address(self._address(address))
+        if user is None:
+            raise NotFoundError(f"no such user {address}")
+        return user
+
+    @staticmethod
+    def _address(address: str) -> str:
+        try:
+            return normalize_address(address)
+        except AddressError as exc:
+            raise InvalidInput(str(exc)) from None
+
+    def _addresses(self, values: Sequence[str]) -> list[str]:
+        return [self._address(v) for v in values]
+
+    @staticmethod
+    def _domain(name: str) -> str:
+        try:
+            return normalize_domain(name)
+        except AddressError as exc:
+            raise InvalidInput(str(exc)) from None
+
+    @staticmethod
+    def _folder_name(name: str) -> str:
+        try:
+            return normalize_folder_name(name)
+        except FolderNameError as exc:
+            raise InvalidInput(str(exc)) from None
+
+    @staticmethod
+    def _check_password(password: str) -> None:
+        if len(password) < 8:
+            raise InvalidInput("password must be at least 8 characters")
+        if len(password) > 1024:
+            raise InvalidInput("password must be at most 1024 characters")

@@ -1,0 +1,1 @@
+"""Storage seams (one Protocol per module) and their implementations, chosen by URL."""

@@ -1,0 +1,48 @@
+"""The event seam: "new mail", "flags changed" and the like, fanned out to every front end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+MESSAGE_NEW = "message.new"
+MESSAGE_FLAGS = "message.flags"
+MESSAGE_MOVED = "message.moved"
+MESSAGE_DELETED = "message.deleted"
+FOLDER_COUNTS = "folder.counts"
+FOLDER_CHANGED = "folder.changed"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    user_id: str
+    folder_id: str = ""
+    uid: int = 0
+    modseq: int = 0
+    message_id: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Event:
+        return cls(**json.loads(raw))
+
+
+class Subscription(Protocol):
+    def __aiter__(self) -> AsyncIterator[Event]: ...
+    async def close(self) -> None: ...
+
+
+class EventBus(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def publish(self, event: Event) -> None: ...
+    async def subscribe(self, user_id: str | None = None) -> Subscription:
+        """Events of one user (or of everyone, for caches), from now on."""
+        ...

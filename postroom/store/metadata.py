@@ -1,0 +1,160 @@
+"""The metadata seam: users, domains, aliases, tokens, folders and message records.
+
+Every method that touches a user's data names the user first and is scoped by it: there is no
+way to ask for a folder or message without saying whose it is. UID and MODSEQ allocation
+happens inside the engine's transaction (an atomic update of the folder row), never in an
+in-process counter, so writers on several processes or nodes cannot hand out the same uid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from postroom.core.models import (
+    Alias,
+    Domain,
+    Flags,
+    Folder,
+    FolderCounts,
+    FolderRole,
+    MessageRecord,
+    NewMessage,
+    User,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ListCursor:
+    """Position in a newest-first listing: the last (internal_date, uid) returned."""
+
+    internal_date: float
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    token_hash: str
+    user_id: str
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Expunged:
+    """A removed record, with what the caller needs for events and blob collection."""
+
+    folder_id: str
+    uid: int
+    message_id: str
+    blob_hash: str
+    modseq: int
+
+
+class MetadataStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # domains
+    async def add_domain(self, name: str) -> Domain: ...
+    async def remove_domain(self, name: str) -> None: ...
+    async def list_domains(self) -> list[Domain]: ...
+    async def has_domain(self, name: str) -> bool: ...
+
+    # users
+    async def create_user(self, address: str, password_hash: str) -> User:
+        """Create the user (Conflict if the address is taken) with no folders."""
+        ...
+    async def get_user(self, user_id: str) -> User | None: ...
+    async def get_user_by_address(self, address: str) -> User | None: ...
+    async def list_users(self, domain: str | None = None) -> list[User]: ...
+    async def set_password(self, user_id: str, password_hash: str) -> None: ...
+    async def delete_user(self, user_id: str) -> list[str]:
+        """Remove the user and all their rows; returns blob hashes that lost a reference."""
+        ...
+
+    # aliases: alias address -> target address
+    async def add_alias(self, alias: str, target: str) -> Alias: ...
+    async def remove_alias(self, alias: str) -> None: ...
+    async def list_aliases(self) -> list[Alias]: ...
+    async def get_alias(self, alias: str) -> Alias | None: ...
+
+    # API tokens, stored only as hashes
+    async def add_token(self, token: Token) -> None: ...
+    async def get_token(self, token_hash: str) -> Token | None: ...
+    async def delete_token(self, token_hash: str) -> None: ...
+
+    # folders
+    async def create_folder(
+        self, user_id: str, name: str, role: FolderRole | None = None
+    ) -> Folder:
+        """Create a folder with a fresh uidvalidity (Conflict if the name exists)."""
+        ...
+    async def list_folders(self, user_id: str) -> list[Folder]: ...
+    async def get_folder(self, user_id: str, folder_id: str) -> Folder | None: ...
+    async def get_folder_by_name(self, user_id: str, name: str) -> Folder | None: ...
+    async def get_folder_by_role(self, user_id: str, role: FolderRole) -> Folder | None: ...
+    async def rename_folder(self, user_id: str, folder_id: str, new_name: str) -> Folder:
+        """Rename the folder and every folder below it; each gets a new uidvalidity."""
+        ...
+    async def delete_folder(self, user_id: str, folder_id: str) -> list[Expunged]:
+        """Remove an empty-of-children folder and its messages."""
+        ...
+    async def set_subscribed(self, user_id: str, folder_id: str, subscribed: bool) -> None: ...
+    async def folder_counts(self, user_id: str) -> dict[str, FolderCounts]: ...
+
+    # messages
+    async def insert_message(
+        self,
+        user_id: str,
+        folder_id: str,
+        message: NewMessage,
+        delivery_key: str | None = None,
+    ) -> tuple[MessageRecord, bool]:
+        """File a message: allocate uid and modseq, resolve its thread, count a blob reference.
+
+        With a delivery_key, the key is recorded in the same transaction; a second insert
+        with the same key returns the first record and False instead of a duplicate.
+        """
+        ...
+    async def get_message(self, user_id: str, message_id: str) -> MessageRecord | None: ...
+    async def get_messages(
+        self, user_id: str, message_ids: Sequence[str]
+    ) -> list[MessageRecord]: ...
+    async def list_messages(
+        self,
+        user_id: str,
+        folder_id: str,
+        limit: int,
+        before: ListCursor | None = None,
+    ) -> list[MessageRecord]:
+        """Newest first by (internal_date, uid), strictly after the cursor."""
+        ...
+    async def list_uids(self, user_id: str, folder_id: str) -> list[MessageRecord]:
+        """Every record of the folder in uid order (for IMAP and POP3 sessions)."""
+        ...
+    async def store_flags(
+        self,
+        user_id: str,
+        message_ids: Sequence[str],
+        add: Flags | None = None,
+        remove: Flags | None = None,
+        replace: Flags | None = None,
+        unchanged_since: int | None = None,
+    ) -> list[MessageRecord]:
+        """Change flags; records whose flags changed get a new modseq and are returned."""
+        ...
+    async def move_messages(
+        self, user_id: str, message_ids: Sequence[str], target_folder_id: str
+    ) -> list[tuple[Expunged, MessageRecord]]:
+        """Move: each message gets a new uid in the target and leaves the source."""
+        ...
+    async def copy_messages(
+        self, user_id: str, message_ids: Sequence[str], target_folder_id: str
+    ) -> list[MessageRecord]: ...
+    async def expunge(self, user_id: str, message_ids: Sequence[str]) -> list[Expunged]:
+        """Remove records; returns what was removed (blob references are released)."""
+        ...
+
+    # blob references: a blob is collected only when no record refers to it
+    async def blob_refcount(self, blob_hash: str) -> int: ...
