@@ -1,0 +1,125 @@
+"""The embedded blob store: content-addressed files in a local directory.
+
+A blob lives at `root/ab/cd/<sha256hex>` (two levels of fan-out keep directories small). A put is
+crash-safe: the bytes go to a temporary file in the final directory, are fsynced, renamed into
+place with `os.replace` (atomic on POSIX) and the directory is fsynced so the new name survives
+a power cut too. A reader therefore sees either nothing or the complete blob, never a torn one,
+and concurrent puts of the same bytes simply replace one complete file with an identical one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import tempfile
+
+from postroom.store.blobs import blob_hash
+from postroom.store.errors import NotFound
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_TEMP_PREFIX = ".tmp-"
+
+
+def _check_digest(digest: str) -> str:
+    # The digest becomes a path: only the exact sha256 hex form may get near the file system.
+    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+        raise ValueError(f"not a sha256 hex digest: {digest!r}")
+    return digest
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FsBlobStore:
+    """`BlobStore` on a local directory (`file:///var/lib/postroom/blobs`)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def path_of(self, digest: str) -> str:
+        """Where the blob with this digest lives (whether or not it exists)."""
+        _check_digest(digest)
+        return os.path.join(self.root, digest[0:2], digest[2:4], digest)
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._make_dirs, self.root)
+
+    async def close(self) -> None:
+        pass
+
+    async def put(self, data: bytes) -> str:
+        digest = blob_hash(data)
+        await asyncio.to_thread(self._write, digest, bytes(data))
+        return digest
+
+    async def get(self, digest: str) -> bytes:
+        path = self.path_of(digest)
+        try:
+            return await asyncio.to_thread(self._read, path)
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest}") from None
+
+    async def exists(self, digest: str) -> bool:
+        return await asyncio.to_thread(os.path.isfile, self.path_of(digest))
+
+    async def delete(self, digest: str) -> None:
+        path = self.path_of(digest)
+        await asyncio.to_thread(self._unlink, path)
+
+    # Blocking parts, run in a worker thread.
+
+    def _make_dirs(self, path: str) -> None:
+        """Create `path` and any missing parents, fsyncing each parent that gained an entry."""
+        missing: list[str] = []
+        current = path
+        while not os.path.isdir(current):
+            missing.append(current)
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                continue  # a concurrent put made it; whoever did also fsyncs the parent
+            _fsync_dir(os.path.dirname(directory))
+
+    def _write(self, digest: str, data: bytes) -> None:
+        final = self.path_of(digest)
+        if os.path.isfile(final):
+            return  # content-addressed: the same name always holds the same bytes
+        directory = os.path.dirname(final)
+        self._make_dirs(directory)
+        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(directory)
+
+    @staticmethod
+    def _read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(path))

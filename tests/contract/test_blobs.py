@@ -1,0 +1,177 @@
+"""Contract for the blob seam: every `BlobStore` implementation must pass this suite.
+
+To add an implementation, add its name to `IMPLEMENTATIONS` and a branch to `_factory`
+(skipping when its server is not configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from postroom.store.blobs import BlobStore, blob_hash
+from postroom.store.errors import NotFound
+from postroom.store.fs_blobs import FsBlobStore
+
+IMPLEMENTATIONS = ["fs"]
+
+MakeStore = Callable[[], Awaitable[BlobStore]]
+
+
+def _factory(name: str, tmp_path: Path) -> Callable[[], BlobStore]:
+    if name == "fs":
+        root = str(tmp_path / "blobs")
+        return lambda: FsBlobStore(root)
+    raise AssertionError(f"unknown blob store {name}")
+
+
+@pytest_asyncio.fixture(params=IMPLEMENTATIONS)
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
+    """Opens a new store on the same underlying storage each call (to test reopening)."""
+    build = _factory(request.param, tmp_path)
+    opened: list[BlobStore] = []
+
+    async def make() -> BlobStore:
+        store = build()
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+@pytest_asyncio.fixture
+async def store(make_store: MakeStore) -> BlobStore:
+    return await make_store()
+
+
+def _files(store: BlobStore) -> list[str]:
+    """Every file under an FsBlobStore's root (empty for other implementations)."""
+    if not isinstance(store, FsBlobStore):
+        return []
+    return sorted(
+        os.path.join(dirpath, name)
+        for dirpath, _dirs, names in os.walk(store.root)
+        for name in names
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"x", bytes(range(256)) * 4, b"\r\n.\r\n\x00\xff", os.urandom(5 * 1024 * 1024)],
+    ids=["empty", "one-byte", "all-bytes", "crlf-nul", "5MB"],
+)
+async def test_round_trip(store: BlobStore, data: bytes) -> None:
+    digest = await store.put(data)
+    assert digest == blob_hash(data)
+    assert await store.exists(digest)
+    assert await store.get(digest) == data
+
+
+async def test_identical_content_is_stored_once(store: BlobStore) -> None:
+    data = b"From: a@example.org\r\n\r\nhello\r\n"
+    first = await store.put(data)
+    second = await store.put(bytes(data))
+    assert first == second
+    assert await store.get(first) == data
+    if isinstance(store, FsBlobStore):
+        assert _files(store) == [store.path_of(first)]
+
+
+async def test_distinct_content_distinct_blobs(store: BlobStore) -> None:
+    a = await store.put(b"a")
+    b = await store.put(b"b")
+    assert a != b
+    assert await store.get(a) == b"a"
+    assert await store.get(b) == b"b"
+
+
+async def test_absent_blob_is_not_found(store: BlobStore) -> None:
+    missing = blob_hash(b"never stored")
+    assert not await store.exists(missing)
+    with pytest.raises(NotFound):
+        await store.get(missing)
+
+
+async def test_delete(store: BlobStore) -> None:
+    digest = await store.put(b"short-lived")
+    await store.delete(digest)
+    assert not await store.exists(digest)
+    with pytest.raises(NotFound):
+        await store.get(digest)
+    await store.delete(digest)  # absent: not an error
+    assert await store.put(b"short-lived") == digest  # and it can come back
+    assert await store.get(digest) == b"short-lived"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "abc",
+        "../../../../etc/passwd",
+        "A" * 64,  # upper case is not the canonical form
+        "g" * 64,
+        "0" * 63,
+        "0" * 65,
+        "../" + "0" * 61,
+        "0" * 62 + "/x",
+        "0" * 64 + "\n",
+    ],
+)
+async def test_bad_digest_is_rejected(store: BlobStore, bad: str) -> None:
+    with pytest.raises(ValueError):
+        await store.get(bad)
+    with pytest.raises(ValueError):
+        await store.exists(bad)
+    with pytest.raises(ValueError):
+        await store.delete(bad)
+
+
+async def test_data_survives_reopening(make_store: MakeStore) -> None:
+    first = await make_store()
+    blobs = {await first.put(data): data for data in (b"", b"one", os.urandom(70_000))}
+    await first.close()
+    second = await make_store()
+    for digest, data in blobs.items():
+        assert await second.exists(digest)
+        assert await second.get(digest) == data
+
+
+async def test_no_temporary_files_left_behind(store: BlobStore) -> None:
+    digests = {await store.put(os.urandom(n)) for n in (0, 10, 100_000)}
+    await store.put(b"dup")
+    await store.put(b"dup")
+    if isinstance(store, FsBlobStore):
+        assert _files(store) == sorted(store.path_of(d) for d in digests | {blob_hash(b"dup")})
+
+
+async def test_concurrent_puts_of_the_same_content(store: BlobStore) -> None:
+    data = os.urandom(256 * 1024)
+    digests = await asyncio.gather(*(store.put(data) for _ in range(20)))
+    assert set(digests) == {blob_hash(data)}
+    assert await store.get(digests[0]) == data
+    if isinstance(store, FsBlobStore):
+        assert _files(store) == [store.path_of(digests[0])]
+
+
+async def test_concurrent_puts_of_different_content(store: BlobStore) -> None:
+    datas = [os.urandom(1000) for _ in range(30)]
+    digests = await asyncio.gather(*(store.put(d) for d in datas))
+    for digest, data in zip(digests, datas, strict=True):
+        assert await store.get(digest) == data
+
+
+async def test_fs_layout(tmp_path: Path) -> None:
+    store = FsBlobStore(str(tmp_path / "b"))
+    await store.open()
+    digest = await store.put(b"layout")
+    assert (tmp_path / "b" / digest[:2] / digest[2:4] / digest).read_bytes() == b"layout"
+    await store.close()

@@ -1,0 +1,116 @@
+"""Contract for the cache seam: every `Cache` implementation must pass this suite.
+
+To add an implementation, add its name to `IMPLEMENTATIONS` and a branch to `_factory`
+(skipping when its server is not configured). Implementations are built with room for
+`CAPACITY` entries so eviction can be observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from postroom.store.cache import Cache
+from postroom.store.memory_cache import LruCache
+
+IMPLEMENTATIONS = ["memory"]
+
+CAPACITY = 3
+
+
+def _factory(name: str) -> Cache:
+    if name == "memory":
+        return LruCache(max_entries=CAPACITY)
+    raise AssertionError(f"unknown cache {name}")
+
+
+@pytest_asyncio.fixture(params=IMPLEMENTATIONS)
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    cache = _factory(request.param)
+    await cache.open()
+    yield cache
+    await cache.close()
+
+
+async def test_get_set(cache: Cache) -> None:
+    assert await cache.get("u1:list:INBOX") is None
+    await cache.set("u1:list:INBOX", b"\x00listing\xff")
+    assert await cache.get("u1:list:INBOX") == b"\x00listing\xff"
+    await cache.set("u1:list:INBOX", b"newer")
+    assert await cache.get("u1:list:INBOX") == b"newer"
+    await cache.set("empty", b"")
+    assert await cache.get("empty") == b""  # an empty value is a hit, not a miss
+
+
+async def test_delete(cache: Cache) -> None:
+    await cache.set("a", b"1")
+    await cache.set("b", b"2")
+    await cache.set("c", b"3")
+    await cache.delete("a", "c", "absent")
+    assert await cache.get("a") is None
+    assert await cache.get("b") == b"2"
+    assert await cache.get("c") is None
+    await cache.delete()  # no keys: nothing happens
+
+
+async def test_delete_prefix(cache: Cache) -> None:
+    await cache.set("u1:INBOX", b"1")
+    await cache.set("u1:Sent", b"2")
+    await cache.set("u10:INBOX", b"3")
+    await cache.delete_prefix("u1:")
+    assert await cache.get("u1:INBOX") is None
+    assert await cache.get("u1:Sent") is None
+    assert await cache.get("u10:INBOX") == b"3"  # the prefix is literal, not a pattern
+    await cache.delete_prefix("nothing-here:")
+    assert await cache.get("u10:INBOX") == b"3"
+
+
+async def test_delete_prefix_is_literal(cache: Cache) -> None:
+    await cache.set("u*:x", b"1")
+    await cache.set("u1:x", b"2")
+    await cache.delete_prefix("u*")
+    assert await cache.get("u*:x") is None
+    assert await cache.get("u1:x") == b"2"
+
+
+async def test_ttl_expiry(cache: Cache) -> None:
+    await cache.set("short", b"1", ttl=0.2)
+    await cache.set("forever", b"2")
+    await cache.set("long", b"3", ttl=60)
+    assert await cache.get("short") == b"1"
+    await asyncio.sleep(0.3)
+    assert await cache.get("short") is None
+    assert await cache.get("forever") == b"2"
+    assert await cache.get("long") == b"3"
+
+
+async def test_set_again_replaces_ttl(cache: Cache) -> None:
+    await cache.set("k", b"1", ttl=0.2)
+    await cache.set("k", b"2")
+    await asyncio.sleep(0.3)
+    assert await cache.get("k") == b"2"
+
+
+async def test_lru_eviction(cache: Cache) -> None:
+    for n in range(CAPACITY):
+        await cache.set(f"k{n}", b"v")
+    assert await cache.get("k0") == b"v"  # k0 is now the most recently used; k1 the least
+    await cache.set("new", b"v")
+    assert await cache.get("k1") is None
+    assert await cache.get("k0") == b"v"
+    assert await cache.get("k2") == b"v"
+    assert await cache.get("new") == b"v"
+
+
+async def test_memory_cache_is_bounded() -> None:
+    cache = LruCache(max_entries=10)
+    for n in range(100):
+        await cache.set(f"k{n}", b"v")
+    assert len(cache) == 10
+    assert await cache.get("k99") == b"v"
+    assert await cache.get("k89") is None
+    with pytest.raises(ValueError):
+        LruCache(max_entries=0)

@@ -1,0 +1,299 @@
+"""Contract for the queue seam: every `Queue` implementation must pass this suite.
+
+To add an implementation, add its name to `IMPLEMENTATIONS` and a branch to `_factory`
+(skipping when its server is not configured). Leases and delays are kept to fractions of a
+second so the suite stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from postroom.store.queue import INCOMING, OUTGOING, Queue, QueueItem
+from postroom.store.sqlite_queue import SqliteQueue
+
+IMPLEMENTATIONS = ["sqlite"]
+
+LEASE = 0.2
+
+MakeQueue = Callable[[], Awaitable[Queue]]
+
+
+def _factory(name: str, tmp_path: Path) -> Callable[[], Queue]:
+    if name == "sqlite":
+        path = str(tmp_path / "queue.db")
+        # A long poll interval proves that a waiting take is woken by put and by due times,
+        # not by polling.
+        return lambda: SqliteQueue(path, poll_interval=5.0)
+    raise AssertionError(f"unknown queue {name}")
+
+
+@pytest_asyncio.fixture(params=IMPLEMENTATIONS)
+async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeQueue]:
+    """Opens a new queue on the same underlying storage each call (to test reopening)."""
+    build = _factory(request.param, tmp_path)
+    opened: list[Queue] = []
+
+    async def make() -> Queue:
+        queue = build()
+        await queue.open()
+        opened.append(queue)
+        return queue
+
+    yield make
+    for queue in opened:
+        await queue.close()
+
+
+@pytest_asyncio.fixture
+async def queue(make_queue: MakeQueue) -> Queue:
+    return await make_queue()
+
+
+async def _take(queue: Queue, topic: str = INCOMING, **kw: float) -> QueueItem:
+    item = await queue.take(topic, lease=kw.pop("lease", 30.0), **kw)
+    assert item is not None
+    return item
+
+
+async def test_empty_take_returns_none(queue: Queue) -> None:
+    assert await queue.take(INCOMING) is None
+    started = time.monotonic()
+    assert await queue.take(INCOMING, wait=0.2) is None
+    assert 0.15 <= time.monotonic() - started < 2.0
+
+
+async def test_put_take_ack(queue: Queue) -> None:
+    before = time.time()
+    item_id = await queue.put(INCOMING, b"\x00payload\xff")
+    item = await _take(queue)
+    assert item.item_id == item_id
+    assert item.topic == INCOMING
+    assert item.payload == b"\x00payload\xff"
+    assert item.attempts == 1
+    assert item.last_error == ""
+    assert before - 1 <= item.enqueued_at <= time.time() + 1
+    await queue.ack(item)
+    assert await queue.size(INCOMING) == 0
+    assert await queue.take(INCOMING) is None
+
+
+async def test_generated_ids_are_unique(queue: Queue) -> None:
+    ids = {await queue.put(INCOMING, b"x") for _ in range(20)}
+    assert len(ids) == 20
+    assert await queue.size(INCOMING) == 20
+
+
+async def test_fifo(queue: Queue) -> None:
+    for n in range(5):
+        await queue.put(INCOMING, str(n).encode(), item_id=f"m{n}")
+    taken = [(await _take(queue)).item_id for _ in range(5)]
+    assert taken == ["m0", "m1", "m2", "m3", "m4"]
+    assert await queue.take(INCOMING) is None
+
+
+async def test_order_is_by_due_time(queue: Queue) -> None:
+    await queue.put(INCOMING, b"later", item_id="later", delay=0.3)
+    await queue.put(INCOMING, b"now", item_id="now")
+    assert (await _take(queue)).item_id == "now"
+    assert await queue.take(INCOMING) is None
+    await asyncio.sleep(0.35)
+    assert (await _take(queue)).item_id == "later"
+
+
+async def test_delay(queue: Queue) -> None:
+    started = time.monotonic()
+    await queue.put(INCOMING, b"x", item_id="d", delay=0.3)
+    assert await queue.take(INCOMING) is None
+    assert await queue.size(INCOMING) == 1
+    item = await _take(queue, wait=3.0)
+    elapsed = time.monotonic() - started
+    assert item.item_id == "d"
+    assert 0.25 <= elapsed < 1.5  # woken when it became due, not at a poll
+
+
+async def test_retry_with_delay(queue: Queue) -> None:
+    await queue.put(OUTGOING, b"x", item_id="r")
+    first = await _take(queue, OUTGOING)
+    await queue.retry(first, 0.2, "451 4.7.1 greylisted")
+    assert await queue.take(OUTGOING) is None
+    await asyncio.sleep(0.25)
+    second = await _take(queue, OUTGOING)
+    assert second.item_id == "r"
+    assert second.attempts == 2
+    assert second.last_error == "451 4.7.1 greylisted"
+    assert second.payload == b"x"
+
+
+async def test_retry_without_delay_is_due_at_once(queue: Queue) -> None:
+    await queue.put(OUTGOING, b"x", item_id="r0")
+    await queue.retry(await _take(queue, OUTGOING), 0.0, "oops")
+    again = await _take(queue, OUTGOING)
+    assert again.attempts == 2
+    assert again.last_error == "oops"
+
+
+async def test_taken_item_is_not_handed_out_twice(queue: Queue) -> None:
+    await queue.put(INCOMING, b"x", item_id="once")
+    await _take(queue, lease=LEASE)
+    assert await queue.take(INCOMING) is None
+    assert await queue.size(INCOMING) == 1  # leased items still count
+
+
+async def test_lease_expiry_redelivers(queue: Queue) -> None:
+    await queue.put(INCOMING, b"x", item_id="lost")
+    first = await _take(queue, lease=LEASE)
+    assert first.attempts == 1
+    assert await queue.take(INCOMING) is None
+    await asyncio.sleep(LEASE + 0.05)
+    second = await _take(queue, lease=LEASE)
+    assert second.item_id == "lost"
+    assert second.attempts == 2
+    assert second.payload == b"x"
+
+
+async def test_waiting_take_gets_expired_lease(queue: Queue) -> None:
+    await queue.put(INCOMING, b"x", item_id="lost")
+    await _take(queue, lease=LEASE)
+    started = time.monotonic()
+    again = await _take(queue, lease=LEASE, wait=3.0)
+    assert again.attempts == 2
+    assert time.monotonic() - started < 1.5
+
+
+async def test_stale_ack_is_ignored(queue: Queue) -> None:
+    await queue.put(INCOMING, b"x", item_id="s")
+    old = await _take(queue, lease=LEASE)
+    await asyncio.sleep(LEASE + 0.05)
+    new = await _take(queue, lease=30.0)
+    assert new.attempts == old.attempts + 1
+    await queue.ack(old)  # the first worker wakes up late: must not drop the new lease's item
+    assert await queue.size(INCOMING) == 1
+    await queue.retry(old, 0.0, "stale")  # nor re-queue it under the new worker
+    assert await queue.take(INCOMING) is None
+    await queue.ack(new)
+    assert await queue.size(INCOMING) == 0
+
+
+async def test_ack_removes_only_its_item(queue: Queue) -> None:
+    await queue.put(INCOMING, b"a", item_id="a")
+    await queue.put(INCOMING, b"b", item_id="b")
+    await queue.ack(await _take(queue))
+    assert [i.item_id for i in await queue.list(INCOMING)] == ["b"]
+
+
+async def test_duplicate_item_id_is_ignored(queue: Queue) -> None:
+    assert await queue.put(INCOMING, b"first", item_id="dup") == "dup"
+    assert await queue.put(INCOMING, b"second", item_id="dup") == "dup"
+    assert await queue.size(INCOMING) == 1
+    item = await _take(queue)
+    assert item.payload == b"first"
+    # A re-put while leased does not reset the lease or hand it out again.
+    assert await queue.put(INCOMING, b"third", item_id="dup") == "dup"
+    assert await queue.take(INCOMING) is None
+
+
+async def test_topics_are_isolated(queue: Queue) -> None:
+    await queue.put(INCOMING, b"in", item_id="same")
+    await queue.put(OUTGOING, b"out", item_id="same")  # the same id in another topic is distinct
+    assert await queue.size(INCOMING) == 1
+    assert await queue.size(OUTGOING) == 1
+    assert (await _take(queue, OUTGOING)).payload == b"out"
+    assert await queue.take(OUTGOING) is None
+    item = await _take(queue, INCOMING)
+    assert item.payload == b"in"
+    await queue.ack(item)
+    assert await queue.size(INCOMING) == 0
+    assert await queue.size(OUTGOING) == 1
+    assert await queue.take("other") is None
+
+
+async def test_survives_close_and_reopen(make_queue: MakeQueue) -> None:
+    first = await make_queue()
+    for n in range(4):
+        await first.put(INCOMING, f"p{n}".encode(), item_id=f"k{n}")
+    await first.put(OUTGOING, b"out", item_id="o", delay=60)
+    await first.ack(await _take(first))  # k0 done
+    leased = await _take(first, lease=LEASE)  # k1 taken, never acked
+    assert leased.item_id == "k1"
+    await first.close()
+
+    second = await make_queue()
+    assert await second.size(INCOMING) == 3
+    assert await second.size(OUTGOING) == 1
+    assert {i.item_id for i in await second.list(INCOMING)} == {"k1", "k2", "k3"}
+    assert (await _take(second)).payload == b"p2"
+    assert (await _take(second)).item_id == "k3"
+    await asyncio.sleep(LEASE + 0.05)  # the lease taken before the restart runs out
+    redelivered = await _take(second)
+    assert (redelivered.item_id, redelivered.attempts) == ("k1", 2)
+    assert await second.take(OUTGOING) is None  # still delayed
+
+
+async def test_take_with_wait_wakes_on_put(queue: Queue) -> None:
+    started = time.monotonic()
+    waiting = asyncio.create_task(queue.take(INCOMING, lease=30.0, wait=4.0))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await queue.put(INCOMING, b"wake", item_id="w")
+    item = await asyncio.wait_for(waiting, 3.0)
+    assert item is not None and item.item_id == "w"
+    assert time.monotonic() - started < 1.0
+
+
+async def test_one_put_wakes_one_of_many_waiters(queue: Queue) -> None:
+    waiters = [asyncio.create_task(queue.take(INCOMING, lease=30.0, wait=0.6)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    await queue.put(INCOMING, b"x", item_id="only")
+    results = await asyncio.gather(*waiters)
+    assert [r.item_id for r in results if r is not None] == ["only"]
+
+
+async def test_concurrent_puts_are_all_committed(make_queue: MakeQueue) -> None:
+    queue = await make_queue()
+    ids = await asyncio.gather(
+        *(queue.put(INCOMING, f"m{n}".encode(), item_id=f"id{n:03}") for n in range(200))
+    )
+    assert sorted(ids) == [f"id{n:03}" for n in range(200)]
+    assert await queue.size(INCOMING) == 200
+    if isinstance(queue, SqliteQueue):
+        assert queue.commits < 200  # puts shared commits
+    await queue.close()
+    reopened = await make_queue()
+    assert await reopened.size(INCOMING) == 200
+    payloads = set()
+    while (item := await reopened.take(INCOMING)) is not None:
+        payloads.add(item.payload)
+        await reopened.ack(item)
+    assert payloads == {f"m{n}".encode() for n in range(200)}
+
+
+async def test_list_size_remove(queue: Queue) -> None:
+    assert await queue.list(INCOMING) == []
+    assert await queue.size(INCOMING) == 0
+    for n in range(5):
+        await queue.put(INCOMING, f"p{n}".encode(), item_id=f"l{n}", delay=60 if n == 2 else 0)
+    taken = await _take(queue)
+
+    listed = await queue.list(INCOMING)
+    # Waiting, delayed and leased items all show, oldest first.
+    assert [i.item_id for i in listed] == ["l0", "l1", "l2", "l3", "l4"]
+    assert listed[0].attempts == 1
+    assert listed[0].payload == b"p0"
+    assert listed[2].not_before > time.time() + 30
+    assert [i.item_id for i in await queue.list(INCOMING, limit=2)] == ["l0", "l1"]
+    assert await queue.list(OUTGOING) == []
+
+    assert await queue.remove(INCOMING, "l3") is True
+    assert await queue.remove(INCOMING, "l3") is False
+    assert await queue.remove(OUTGOING, "l1") is False  # ids are per topic
+    assert await queue.remove(INCOMING, taken.item_id) is True  # leased items can be removed
+    assert await queue.size(INCOMING) == 3
+    await queue.ack(taken)  # acking a removed item is harmless
+    assert [i.item_id for i in await queue.list(INCOMING)] == ["l1", "l2", "l4"]
