@@ -1,0 +1,845 @@
+"""Contract suite for the MetadataStore seam: every implementation must pass all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from postroom.core.models import (
+    Flag,
+    Flags,
+    Folder,
+    FolderRole,
+    HeaderSummary,
+    NewMessage,
+    User,
+)
+from postroom.store.errors import Conflict, NotFound
+from postroom.store.metadata import ListCursor, MetadataStore, Token
+
+MetadataFactory = Callable[[], MetadataStore]  # the conftest fixture: more stores, same database
+
+_serial = itertools.count(1)
+
+
+def blob(n: int) -> str:
+    return f"{n:064x}"
+
+
+def message(
+    *,
+    blob_hash: str | None = None,
+    internal_date: float | None = None,
+    message_id: str = "",
+    in_reply_to: str = "",
+    references: tuple[str, ...] = (),
+    flags: Flags | None = None,
+    subject: str = "hello",
+) -> NewMessage:
+    n = next(_serial)
+    return NewMessage(
+        blob_hash=blob_hash if blob_hash is not None else blob(n),
+        size=100 + n,
+        internal_date=internal_date if internal_date is not None else 1_700_000_000.0 + n,
+        headers=HeaderSummary(
+            from_="Bob <bob@example.org>",
+            to="alice@example.com",
+            subject=subject,
+            date=1_700_000_000.0,
+            message_id=message_id,
+            in_reply_to=in_reply_to,
+            references=references,
+        ),
+        snippet="snippet",
+        has_attachments=False,
+        flags=flags if flags is not None else Flags(),
+        spam_verdict="ham",
+    )
+
+
+async def make_user(store: MetadataStore, address: str = "alice@example.com") -> User:
+    return await store.create_user(address, "hash:" + address)
+
+
+async def make_user_with_inbox(
+    store: MetadataStore, address: str = "alice@example.com"
+) -> tuple[User, Folder]:
+    user = await make_user(store, address)
+    inbox = await store.create_folder(user.user_id, "INBOX", FolderRole.INBOX)
+    return user, inbox
+
+
+# ---- domains, users, aliases, tokens ------------------------------------------------------------
+
+
+async def test_domains(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    assert await store.list_domains() == []
+    d = await store.add_domain("example.com")
+    assert d.name == "example.com" and d.created_at > 0
+    await store.add_domain("example.org")
+    assert await store.has_domain("example.com")
+    assert not await store.has_domain("example.net")
+    assert [x.name for x in await store.list_domains()] == ["example.com", "example.org"]
+    with pytest.raises(Conflict):
+        await store.add_domain("example.com")
+    await store.remove_domain("example.org")
+    assert not await store.has_domain("example.org")
+    with pytest.raises(NotFound):
+        await store.remove_domain("example.org")
+
+
+async def test_remove_domain_with_users_conflicts(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    await store.add_domain("example.com")
+    await store.add_domain("other.example")
+    user = await make_user(store, "alice@example.com")
+    await make_user(store, "bob@notexample.com")  # a suffix match is not the domain
+    with pytest.raises(Conflict):
+        await store.remove_domain("example.com")
+    await store.remove_domain("other.example")
+    await store.delete_user(user.user_id)
+    await store.remove_domain("example.com")
+
+
+async def test_users(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice = await store.create_user("alice@example.com", "h1")
+    bob = await store.create_user("bob@example.org", "h2")
+    assert alice.user_id != bob.user_id
+    assert alice.address == "alice@example.com" and alice.password_hash == "h1"
+    assert await store.get_user(alice.user_id) == alice
+    assert await store.get_user_by_address("bob@example.org") == bob
+    assert await store.get_user("nope") is None
+    assert await store.get_user_by_address("carol@example.com") is None
+    with pytest.raises(Conflict):
+        await store.create_user("alice@example.com", "h3")
+    assert [u.address for u in await store.list_users()] == [
+        "alice@example.com",
+        "bob@example.org",
+    ]
+    assert [u.address for u in await store.list_users("example.org")] == ["bob@example.org"]
+    assert await store.list_users("example.net") == []
+    assert await store.list_folders(alice.user_id) == []  # created with no folders
+
+    await store.set_password(alice.user_id, "h9")
+    got = await store.get_user(alice.user_id)
+    assert got is not None and got.password_hash == "h9"
+    with pytest.raises(NotFound):
+        await store.set_password("nope", "x")
+
+    assert await store.delete_user(bob.user_id) == []
+    assert await store.get_user(bob.user_id) is None
+    assert await store.get_user_by_address("bob@example.org") is None
+    with pytest.raises(NotFound):
+        await store.delete_user(bob.user_id)
+    # the address is free again
+    again = await store.create_user("bob@example.org", "h4")
+    assert again.user_id != bob.user_id
+
+
+async def test_delete_user_removes_everything(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    shared = blob(9001)
+    await store.insert_message(alice.user_id, inbox.folder_id, message(blob_hash=shared))
+    await store.insert_message(alice.user_id, inbox.folder_id, message(blob_hash=shared))
+    own, _ = await store.insert_message(alice.user_id, inbox.folder_id, message())
+    await store.insert_message(bob.user_id, bob_inbox.folder_id, message(blob_hash=shared))
+    await store.add_token(Token("tok", alice.user_id, 2e9))
+
+    hashes = await store.delete_user(alice.user_id)
+    assert sorted(hashes) == sorted({shared, own.blob_hash})
+    assert await store.blob_refcount(shared) == 1  # bob still refers to it
+    assert await store.blob_refcount(own.blob_hash) == 0
+    assert await store.get_token("tok") is None
+    assert await store.list_folders(alice.user_id) == []
+    assert await store.get_message(alice.user_id, own.message_id) is None
+    assert len(await store.list_uids(bob.user_id, bob_inbox.folder_id)) == 1
+
+
+async def test_aliases(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    a = await store.add_alias("postmaster@example.com", "alice@example.com")
+    assert a.alias == "postmaster@example.com" and a.target == "alice@example.com"
+    await store.add_alias("abuse@example.com", "alice@example.com")
+    assert await store.get_alias("postmaster@example.com") == a
+    assert await store.get_alias("nobody@example.com") is None
+    assert [x.alias for x in await store.list_aliases()] == [
+        "abuse@example.com",
+        "postmaster@example.com",
+    ]
+    with pytest.raises(Conflict):
+        await store.add_alias("postmaster@example.com", "bob@example.com")
+    await store.remove_alias("postmaster@example.com")
+    assert await store.get_alias("postmaster@example.com") is None
+    with pytest.raises(NotFound):
+        await store.remove_alias("postmaster@example.com")
+
+
+async def test_tokens(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice = await make_user(store)
+    token = Token("sha256:abc", alice.user_id, 1_900_000_000.0)
+    await store.add_token(token)
+    assert await store.get_token("sha256:abc") == token
+    assert await store.get_token("sha256:zzz") is None
+    with pytest.raises(Conflict):
+        await store.add_token(token)
+    with pytest.raises(NotFound):
+        await store.add_token(Token("sha256:def", "no-such-user", 1.0))
+    await store.delete_token("sha256:abc")
+    assert await store.get_token("sha256:abc") is None
+    await store.delete_token("sha256:abc")  # revoking twice is not an error
+
+
+# ---- folders -----------------------------------------------------------------------------------
+
+
+async def test_create_and_find_folders(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    assert inbox.name == "INBOX" and inbox.role is FolderRole.INBOX
+    assert inbox.uidnext == 1 and inbox.highestmodseq == 1 and inbox.subscribed
+    assert inbox.uidvalidity > 0
+    work = await store.create_folder(alice.user_id, "Work")
+    assert work.role is None and work.uidvalidity > inbox.uidvalidity
+    assert await store.get_folder(alice.user_id, work.folder_id) == work
+    assert await store.get_folder_by_name(alice.user_id, "Work") == work
+    assert await store.get_folder_by_name(alice.user_id, "work") is None
+    assert await store.get_folder_by_role(alice.user_id, FolderRole.INBOX) == inbox
+    assert await store.get_folder_by_role(alice.user_id, FolderRole.TRASH) is None
+    assert [f.name for f in await store.list_folders(alice.user_id)] == ["INBOX", "Work"]
+    with pytest.raises(Conflict):
+        await store.create_folder(alice.user_id, "Work")
+    with pytest.raises(Conflict):
+        await store.create_folder(alice.user_id, "Inbox2", FolderRole.INBOX)
+    with pytest.raises(NotFound):
+        await store.create_folder("no-such-user", "Work")
+    assert await store.get_folder(alice.user_id, "no-such-folder") is None
+
+
+async def test_set_subscribed(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    await store.set_subscribed(alice.user_id, inbox.folder_id, False)
+    got = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert got is not None and not got.subscribed
+    await store.set_subscribed(alice.user_id, inbox.folder_id, True)
+    got = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert got is not None and got.subscribed
+    with pytest.raises(NotFound):
+        await store.set_subscribed(alice.user_id, "no-such-folder", True)
+
+
+async def test_rename_folder_with_children(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, _ = await make_user_with_inbox(store)
+    uid = alice.user_id
+    work = await store.create_folder(uid, "Work")
+    a = await store.create_folder(uid, "Work/A")
+    b = await store.create_folder(uid, "Work/A/B")
+    other = await store.create_folder(uid, "Workshop")  # shares the prefix, not a child
+    rec, _ = await store.insert_message(uid, a.folder_id, message())
+
+    renamed = await store.rename_folder(uid, work.folder_id, "Jobs")
+    assert renamed.folder_id == work.folder_id and renamed.name == "Jobs"
+    assert renamed.uidvalidity > work.uidvalidity
+    by_id = {f.folder_id: f for f in await store.list_folders(uid)}
+    assert by_id[work.folder_id] == renamed
+    assert by_id[a.folder_id].name == "Jobs/A"
+    assert by_id[b.folder_id].name == "Jobs/A/B"
+    assert by_id[other.folder_id] == other
+    for old in (a, b):
+        assert by_id[old.folder_id].uidvalidity > max(old.uidvalidity, work.uidvalidity)
+    # every renamed folder got its own new uidvalidity
+    assert len({by_id[f.folder_id].uidvalidity for f in (work, a, b)}) == 3
+    # messages stay where they were
+    assert [r.message_id for r in await store.list_uids(uid, a.folder_id)] == [rec.message_id]
+    assert await store.get_folder_by_name(uid, "Work") is None
+
+
+async def test_rename_folder_conflicts(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    work = await store.create_folder(uid, "Work")
+    await store.create_folder(uid, "Work/A")
+    await store.create_folder(uid, "Play")
+    await store.create_folder(uid, "Old/A")
+    with pytest.raises(Conflict):
+        await store.rename_folder(uid, work.folder_id, "Play")  # name taken
+    with pytest.raises(Conflict):
+        await store.rename_folder(uid, work.folder_id, "Old")  # would clash: Old/A exists
+    with pytest.raises(Conflict):
+        await store.rename_folder(uid, work.folder_id, "Work/A/Deeper")  # into itself
+    with pytest.raises(NotFound):
+        await store.rename_folder(uid, "no-such-folder", "X")
+    # nothing changed by the failed attempts
+    assert [f.name for f in await store.list_folders(uid)] == [
+        "INBOX",
+        "Old/A",
+        "Play",
+        "Work",
+        "Work/A",
+    ]
+    assert await store.get_folder(uid, work.folder_id) == work
+    assert inbox == await store.get_folder(uid, inbox.folder_id)
+
+
+async def test_delete_folder(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    work = await store.create_folder(uid, "Work")
+    child = await store.create_folder(uid, "Work/A")
+    await store.create_folder(uid, "Workshop")
+    r1, _ = await store.insert_message(uid, child.folder_id, message())
+    r2, _ = await store.insert_message(uid, child.folder_id, message())
+    with pytest.raises(Conflict):
+        await store.delete_folder(uid, work.folder_id)
+
+    gone = await store.delete_folder(uid, child.folder_id)
+    assert sorted((e.uid, e.message_id, e.blob_hash) for e in gone) == [
+        (r1.uid, r1.message_id, r1.blob_hash),
+        (r2.uid, r2.message_id, r2.blob_hash),
+    ]
+    assert all(e.folder_id == child.folder_id for e in gone)
+    assert await store.blob_refcount(r1.blob_hash) == 0
+    assert await store.get_message(uid, r1.message_id) is None
+    assert await store.get_folder(uid, child.folder_id) is None
+    assert await store.delete_folder(uid, work.folder_id) == []  # no children left
+    with pytest.raises(NotFound):
+        await store.delete_folder(uid, work.folder_id)
+    assert [f.name for f in await store.list_folders(uid)] == ["INBOX", "Workshop"]
+    assert inbox.folder_id in await store.folder_counts(uid)
+
+
+async def test_uidvalidity_increases_after_recreate(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice = await make_user(store)
+    seen: list[int] = []
+    for _ in range(3):
+        folder = await store.create_folder(alice.user_id, "Work")
+        seen.append(folder.uidvalidity)
+        await store.delete_folder(alice.user_id, folder.folder_id)
+    assert seen == sorted(seen) and len(set(seen)) == 3
+
+
+async def test_folder_counts(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    empty = await store.create_folder(alice.user_id, "Empty")
+    await store.insert_message(alice.user_id, inbox.folder_id, message())
+    await store.insert_message(
+        alice.user_id, inbox.folder_id, message(flags=Flags(Flag.SEEN | Flag.FLAGGED))
+    )
+    await store.insert_message(alice.user_id, inbox.folder_id, message(flags=Flags(Flag.FLAGGED)))
+    counts = await store.folder_counts(alice.user_id)
+    assert set(counts) == {inbox.folder_id, empty.folder_id}
+    assert (counts[inbox.folder_id].total, counts[inbox.folder_id].unread) == (3, 2)
+    assert (counts[empty.folder_id].total, counts[empty.folder_id].unread) == (0, 0)
+
+
+# ---- uids, modseqs, flags -----------------------------------------------------------------------
+
+
+async def test_insert_message_record(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    new = message(flags=Flags(Flag.SEEN, ("$label2", "$label1")), message_id="<m1@x>")
+    rec, created = await store.insert_message(alice.user_id, inbox.folder_id, new)
+    assert created
+    assert rec.user_id == alice.user_id and rec.folder_id == inbox.folder_id
+    assert rec.uid == 1 and rec.modseq > inbox.highestmodseq
+    assert rec.flags == Flags(Flag.SEEN, ("$label1", "$label2"))
+    assert rec.headers == new.headers and rec.size == new.size
+    assert rec.blob_hash == new.blob_hash and rec.internal_date == new.internal_date
+    assert rec.snippet == new.snippet and rec.spam_verdict == "ham" and rec.thread_id
+    assert await store.get_message(alice.user_id, rec.message_id) == rec
+    folder = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert folder is not None and folder.uidnext == 2 and folder.highestmodseq == rec.modseq
+    with pytest.raises(NotFound):
+        await store.insert_message(alice.user_id, "no-such-folder", message())
+
+
+async def test_uids_increase_and_are_never_reused(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    recs = [(await store.insert_message(uid, inbox.folder_id, message()))[0] for _ in range(5)]
+    assert [r.uid for r in recs] == [1, 2, 3, 4, 5]
+    await store.expunge(uid, [recs[3].message_id, recs[4].message_id])
+    later, _ = await store.insert_message(uid, inbox.folder_id, message())
+    assert later.uid == 6
+    assert [r.uid for r in await store.list_uids(uid, inbox.folder_id)] == [1, 2, 3, 6]
+    modseqs = [r.modseq for r in recs]
+    assert modseqs == sorted(modseqs) and len(set(modseqs)) == 5
+
+
+async def test_store_flags_bumps_modseq(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    r1, _ = await store.insert_message(uid, inbox.folder_id, message())
+    r2, _ = await store.insert_message(uid, inbox.folder_id, message(flags=Flags(Flag.SEEN)))
+
+    changed = await store.store_flags(uid, [r1.message_id, r2.message_id], add=Flags(Flag.SEEN))
+    assert [r.message_id for r in changed] == [r1.message_id]  # r2 already \Seen
+    assert changed[0].flags == Flags(Flag.SEEN) and changed[0].modseq > r2.modseq
+    folder = await store.get_folder(uid, inbox.folder_id)
+    assert folder is not None and folder.highestmodseq == changed[0].modseq
+    stored = await store.get_message(uid, r1.message_id)
+    assert stored == changed[0]
+    unchanged = await store.get_message(uid, r2.message_id)
+    assert unchanged is not None and unchanged.modseq == r2.modseq
+
+    # a store that changes nothing allocates no modseq
+    assert await store.store_flags(uid, [r1.message_id], add=Flags(Flag.SEEN)) == []
+    again = await store.get_folder(uid, inbox.folder_id)
+    assert again is not None and again.highestmodseq == folder.highestmodseq
+
+    # each later change gets a higher modseq
+    before = changed[0].modseq
+    changed = await store.store_flags(uid, [r1.message_id], add=Flags(keywords=("$Work",)))
+    assert changed[0].modseq > before
+    assert changed[0].flags == Flags(Flag.SEEN, ("$Work",))
+
+
+async def test_store_flags_add_remove_replace(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    r, _ = await store.insert_message(
+        uid, inbox.folder_id, message(flags=Flags(Flag.SEEN, ("$a",)))
+    )
+    (got,) = await store.store_flags(
+        uid, [r.message_id], add=Flags(Flag.FLAGGED, ("$c", "$b")), remove=Flags(Flag.SEEN)
+    )
+    assert got.flags == Flags(Flag.FLAGGED, ("$a", "$b", "$c"))
+    (got,) = await store.store_flags(uid, [r.message_id], remove=Flags(keywords=("$a", "$c")))
+    assert got.flags == Flags(Flag.FLAGGED, ("$b",))
+    (got,) = await store.store_flags(uid, [r.message_id], replace=Flags(Flag.DELETED | Flag.DRAFT))
+    assert got.flags == Flags(Flag.DELETED | Flag.DRAFT)
+    (got,) = await store.store_flags(uid, [r.message_id], replace=Flags())
+    assert got.flags == Flags()
+    assert await store.get_message(uid, r.message_id) == got
+
+
+async def test_store_flags_unchanged_since(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    r1, _ = await store.insert_message(uid, inbox.folder_id, message())
+    r2, _ = await store.insert_message(uid, inbox.folder_id, message())
+    assert r1.modseq < r2.modseq
+    # RFC 7162 §3.1.3: records modified after UNCHANGEDSINCE are not touched
+    changed = await store.store_flags(
+        uid, [r1.message_id, r2.message_id], add=Flags(Flag.FLAGGED), unchanged_since=r1.modseq
+    )
+    assert [r.message_id for r in changed] == [r1.message_id]
+    left = await store.get_message(uid, r2.message_id)
+    assert left == r2
+    # the flagged message now has a modseq above the old value: a second try is refused
+    assert (
+        await store.store_flags(
+            uid, [r1.message_id], add=Flags(Flag.SEEN), unchanged_since=r1.modseq
+        )
+        == []
+    )
+    assert (
+        await store.store_flags(uid, [r1.message_id], add=Flags(Flag.SEEN), unchanged_since=0) == []
+    )
+    changed = await store.store_flags(
+        uid, [r1.message_id], add=Flags(Flag.SEEN), unchanged_since=changed[0].modseq
+    )
+    assert len(changed) == 1 and changed[0].flags == Flags(Flag.SEEN | Flag.FLAGGED)
+
+
+# ---- move, copy, expunge ------------------------------------------------------------------------
+
+
+async def test_move_messages(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    archive = await store.create_folder(uid, "Archive", FolderRole.ARCHIVE)
+    await store.insert_message(uid, archive.folder_id, message())  # archive uid 1 is taken
+    r1, _ = await store.insert_message(uid, inbox.folder_id, message(flags=Flags(Flag.SEEN)))
+    r2, _ = await store.insert_message(uid, inbox.folder_id, message())
+    r3, _ = await store.insert_message(uid, inbox.folder_id, message())
+    inbox_before = await store.get_folder(uid, inbox.folder_id)
+    assert inbox_before is not None
+
+    moved = await store.move_messages(uid, [r2.message_id, r1.message_id], archive.folder_id)
+    assert [(e.message_id, e.uid, e.folder_id) for e, _ in moved] == [
+        (r2.message_id, r2.uid, inbox.folder_id),
+        (r1.message_id, r1.uid, inbox.folder_id),
+    ]
+    news = [rec for _, rec in moved]
+    assert [r.uid for r in news] == [2, 3]  # allocated from the target's uidnext
+    assert all(r.folder_id == archive.folder_id for r in news)
+    assert news[1].flags == Flags(Flag.SEEN) and news[1].blob_hash == r1.blob_hash
+    assert news[0].message_id == r2.message_id  # the record keeps its id
+    inbox_after = await store.get_folder(uid, inbox.folder_id)
+    assert inbox_after is not None
+    assert inbox_after.highestmodseq > inbox_before.highestmodseq
+    assert all(e.modseq == inbox_after.highestmodseq for e, _ in moved)
+    archive_after = await store.get_folder(uid, archive.folder_id)
+    assert archive_after is not None and archive_after.uidnext == 4
+    assert all(r.modseq == archive_after.highestmodseq for r in news)
+
+    assert [r.message_id for r in await store.list_uids(uid, inbox.folder_id)] == [r3.message_id]
+    assert [r.uid for r in await store.list_uids(uid, archive.folder_id)] == [1, 2, 3]
+    assert await store.get_message(uid, r1.message_id) == news[1]
+    assert await store.blob_refcount(r1.blob_hash) == 1
+    counts = await store.folder_counts(uid)
+    assert counts[inbox.folder_id].total == 1 and counts[archive.folder_id].total == 3
+
+    # moving within the same folder gives a new uid there
+    ((gone, again),) = await store.move_messages(uid, [r3.message_id], inbox.folder_id)
+    assert gone.uid == r3.uid and again.uid > r3.uid and again.folder_id == inbox.folder_id
+    with pytest.raises(NotFound):
+        await store.move_messages(uid, [r3.message_id], "no-such-folder")
+    assert await store.move_messages(uid, ["no-such-message"], archive.folder_id) == []
+
+
+async def test_copy_messages(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    work = await store.create_folder(uid, "Work")
+    r1, _ = await store.insert_message(
+        uid, inbox.folder_id, message(flags=Flags(Flag.FLAGGED, ("$x",)))
+    )
+    copies = await store.copy_messages(uid, [r1.message_id], work.folder_id)
+    assert len(copies) == 1
+    c = copies[0]
+    assert c.message_id != r1.message_id and c.folder_id == work.folder_id and c.uid == 1
+    assert c.flags == r1.flags and c.blob_hash == r1.blob_hash and c.headers == r1.headers
+    assert c.thread_id == r1.thread_id and c.internal_date == r1.internal_date
+    assert await store.get_message(uid, r1.message_id) == r1  # the original stays
+    assert await store.get_message(uid, c.message_id) == c
+    assert await store.blob_refcount(r1.blob_hash) == 2
+    # copies into the same folder get new uids too
+    (c2,) = await store.copy_messages(uid, [r1.message_id], inbox.folder_id)
+    assert c2.uid == 2 and await store.blob_refcount(r1.blob_hash) == 3
+    with pytest.raises(NotFound):
+        await store.copy_messages(uid, [r1.message_id], "no-such-folder")
+
+
+async def test_expunge_and_blob_refcounts(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    shared = blob(424242)
+    assert await store.blob_refcount(shared) == 0
+    a1, _ = await store.insert_message(alice.user_id, inbox.folder_id, message(blob_hash=shared))
+    b1, _ = await store.insert_message(bob.user_id, bob_inbox.folder_id, message(blob_hash=shared))
+    assert await store.blob_refcount(shared) == 2  # stored once, referenced twice
+    (copy,) = await store.copy_messages(alice.user_id, [a1.message_id], inbox.folder_id)
+    assert await store.blob_refcount(shared) == 3
+
+    gone = await store.expunge(alice.user_id, [a1.message_id, copy.message_id, "no-such"])
+    assert [(e.message_id, e.uid, e.blob_hash) for e in gone] == [
+        (a1.message_id, a1.uid, shared),
+        (copy.message_id, copy.uid, shared),
+    ]
+    folder = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert folder is not None and all(e.modseq == folder.highestmodseq for e in gone)
+    assert gone[0].modseq > copy.modseq
+    assert await store.blob_refcount(shared) == 1
+    assert await store.expunge(alice.user_id, [a1.message_id]) == []  # already gone
+    await store.expunge(bob.user_id, [b1.message_id])
+    assert await store.blob_refcount(shared) == 0
+
+
+# ---- delivery keys ------------------------------------------------------------------------------
+
+
+async def test_delivery_key_is_idempotent(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    uid = alice.user_id
+    first, created = await store.insert_message(uid, inbox.folder_id, message(), "q1:alice")
+    assert created
+    second, created = await store.insert_message(uid, inbox.folder_id, message(), "q1:alice")
+    assert not created and second == first
+    assert len(await store.list_uids(uid, inbox.folder_id)) == 1
+    assert await store.blob_refcount(first.blob_hash) == 1
+
+    # the key belongs to the user: another user's identical key is a different delivery
+    _, created = await store.insert_message(bob.user_id, bob_inbox.folder_id, message(), "q1:alice")
+    assert created
+
+    # moved since: the moved record is returned, nothing new is filed
+    work = await store.create_folder(uid, "Work")
+    ((_, moved),) = await store.move_messages(uid, [first.message_id], work.folder_id)
+    again, created = await store.insert_message(uid, inbox.folder_id, message(), "q1:alice")
+    assert not created and again == moved
+
+    # expunged since: still never delivered twice
+    await store.expunge(uid, [first.message_id])
+    with pytest.raises(Conflict):
+        await store.insert_message(uid, inbox.folder_id, message(), "q1:alice")
+    assert await store.list_uids(uid, inbox.folder_id) == []
+    assert await store.list_uids(uid, work.folder_id) == []
+
+    # no key: every insert files a message
+    await store.insert_message(uid, inbox.folder_id, message())
+    await store.insert_message(uid, inbox.folder_id, message())
+    assert len(await store.list_uids(uid, inbox.folder_id)) == 2
+
+
+async def test_concurrent_inserts_with_one_delivery_key(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    results = await asyncio.gather(
+        *(
+            store.insert_message(alice.user_id, inbox.folder_id, message(), "item-7")
+            for _ in range(10)
+        )
+    )
+    assert sum(created for _, created in results) == 1
+    assert len({rec.message_id for rec, _ in results}) == 1
+    assert len(await store.list_uids(alice.user_id, inbox.folder_id)) == 1
+
+
+# ---- threads ------------------------------------------------------------------------------------
+
+
+async def test_reply_joins_parent_thread(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid, fid = alice.user_id, inbox.folder_id
+    parent, _ = await store.insert_message(uid, fid, message(message_id="<p@x>"))
+    reply, _ = await store.insert_message(
+        uid, fid, message(message_id="<r@x>", in_reply_to="<p@x>", references=("<p@x>",))
+    )
+    # a reply-to-reply naming only References still joins
+    deeper, _ = await store.insert_message(
+        uid, fid, message(message_id="<d@x>", references=("<p@x>", "<r@x>"))
+    )
+    other, _ = await store.insert_message(uid, fid, message(message_id="<o@x>"))
+    assert reply.thread_id == parent.thread_id == deeper.thread_id
+    assert other.thread_id != parent.thread_id
+
+
+async def test_parent_arriving_after_reply_joins_its_thread(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid, fid = alice.user_id, inbox.folder_id
+    reply, _ = await store.insert_message(
+        uid, fid, message(message_id="<r@x>", in_reply_to="<p@x>", references=("<root@x>",))
+    )
+    parent, _ = await store.insert_message(uid, fid, message(message_id="<p@x>"))
+    assert parent.thread_id == reply.thread_id
+    root, _ = await store.insert_message(uid, fid, message(message_id="<root@x>"))
+    assert root.thread_id == reply.thread_id
+
+
+async def test_copies_of_one_message_share_a_thread(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    sent = await store.create_folder(alice.user_id, "Sent", FolderRole.SENT)
+    mine, _ = await store.insert_message(alice.user_id, sent.folder_id, message(message_id="<s@x>"))
+    echo, _ = await store.insert_message(
+        alice.user_id, inbox.folder_id, message(message_id="<s@x>")
+    )
+    assert echo.thread_id == mine.thread_id
+
+
+async def test_threads_never_cross_users(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    parent, _ = await store.insert_message(
+        alice.user_id, inbox.folder_id, message(message_id="<p@x>")
+    )
+    bob_reply, _ = await store.insert_message(
+        bob.user_id, bob_inbox.folder_id, message(message_id="<r@x>", in_reply_to="<p@x>")
+    )
+    assert bob_reply.thread_id != parent.thread_id
+    # and a parent arriving for bob does not adopt alice's thread either
+    alice_reply, _ = await store.insert_message(
+        alice.user_id, inbox.folder_id, message(message_id="<r2@x>", in_reply_to="<q@x>")
+    )
+    bob_parent, _ = await store.insert_message(
+        bob.user_id, bob_inbox.folder_id, message(message_id="<q@x>")
+    )
+    assert bob_parent.thread_id != alice_reply.thread_id
+
+
+# ---- listing ------------------------------------------------------------------------------------
+
+
+async def test_cursor_paging_returns_every_message_once(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    other = await store.create_folder(alice.user_id, "Other")
+    uid, fid = alice.user_id, inbox.folder_id
+    # several messages share an internal date, so the uid must break ties
+    dates = [1000.0, 1000.0, 999.0, 1001.0, 1000.0, 500.0, 1001.0] * 4
+    for d in dates:
+        await store.insert_message(uid, fid, message(internal_date=d))
+    await store.insert_message(uid, other.folder_id, message())
+
+    full = await store.list_messages(uid, fid, limit=1000)
+    assert len(full) == len(dates)
+    keys = [(r.internal_date, r.uid) for r in full]
+    assert keys == sorted(keys, reverse=True)
+
+    pages: list[list[str]] = []
+    cursor: ListCursor | None = None
+    while True:
+        page = await store.list_messages(uid, fid, limit=5, before=cursor)
+        if not page:
+            break
+        assert len(page) <= 5
+        pages.append([r.message_id for r in page])
+        cursor = ListCursor(page[-1].internal_date, page[-1].uid)
+    seen = [m for page in pages for m in page]
+    assert seen == [r.message_id for r in full]
+    assert len(set(seen)) == len(dates)
+
+
+async def test_list_uids_in_uid_order(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    for d in (3.0, 1.0, 2.0):
+        await store.insert_message(alice.user_id, inbox.folder_id, message(internal_date=d))
+    recs = await store.list_uids(alice.user_id, inbox.folder_id)
+    assert [r.uid for r in recs] == [1, 2, 3]
+    assert [r.internal_date for r in recs] == [3.0, 1.0, 2.0]
+
+
+# ---- isolation ----------------------------------------------------------------------------------
+
+
+async def test_users_cannot_reach_each_others_mail(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    a1, _ = await store.insert_message(alice.user_id, inbox.folder_id, message())
+    a2, _ = await store.insert_message(alice.user_id, inbox.folder_id, message())
+    b1, _ = await store.insert_message(bob.user_id, bob_inbox.folder_id, message())
+    alice_ids = [a1.message_id, a2.message_id]
+    folder_before = await store.get_folder(alice.user_id, inbox.folder_id)
+
+    # reading
+    assert await store.get_message(bob.user_id, a1.message_id) is None
+    assert await store.get_messages(bob.user_id, [*alice_ids, b1.message_id]) == [b1]
+    assert await store.list_messages(bob.user_id, inbox.folder_id, 100) == []
+    assert await store.list_uids(bob.user_id, inbox.folder_id) == []
+    assert await store.get_folder(bob.user_id, inbox.folder_id) is None
+    assert [f.folder_id for f in await store.list_folders(bob.user_id)] == [bob_inbox.folder_id]
+    counts = await store.folder_counts(bob.user_id)
+    assert set(counts) == {bob_inbox.folder_id} and counts[bob_inbox.folder_id].total == 1
+
+    # writing
+    assert await store.store_flags(bob.user_id, alice_ids, add=Flags(Flag.DELETED)) == []
+    assert await store.store_flags(bob.user_id, alice_ids, replace=Flags()) == []
+    assert await store.move_messages(bob.user_id, alice_ids, bob_inbox.folder_id) == []
+    assert await store.copy_messages(bob.user_id, alice_ids, bob_inbox.folder_id) == []
+    assert await store.expunge(bob.user_id, alice_ids) == []
+    with pytest.raises(NotFound):  # alice's folder is not a target for bob
+        await store.move_messages(bob.user_id, [b1.message_id], inbox.folder_id)
+    with pytest.raises(NotFound):
+        await store.copy_messages(bob.user_id, [b1.message_id], inbox.folder_id)
+    with pytest.raises(NotFound):  # nor can alice move into bob's folder
+        await store.move_messages(alice.user_id, alice_ids, bob_inbox.folder_id)
+    with pytest.raises(NotFound):
+        await store.insert_message(bob.user_id, inbox.folder_id, message())
+    with pytest.raises(NotFound):
+        await store.rename_folder(bob.user_id, inbox.folder_id, "Mine")
+    with pytest.raises(NotFound):
+        await store.delete_folder(bob.user_id, inbox.folder_id)
+    with pytest.raises(NotFound):
+        await store.set_subscribed(bob.user_id, inbox.folder_id, False)
+
+    # alice's mail is exactly as it was
+    assert await store.get_messages(alice.user_id, alice_ids) == [a1, a2]
+    assert await store.get_folder(alice.user_id, inbox.folder_id) == folder_before
+    assert await store.blob_refcount(a1.blob_hash) == 1
+    alice_counts = await store.folder_counts(alice.user_id)
+    assert set(alice_counts) == {inbox.folder_id} and alice_counts[inbox.folder_id].total == 2
+
+
+async def test_get_messages_keeps_order_and_skips_unknown(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    recs = [
+        (await store.insert_message(alice.user_id, inbox.folder_id, message()))[0] for _ in "abc"
+    ]
+    ids = [recs[2].message_id, "unknown", recs[0].message_id]
+    assert await store.get_messages(alice.user_id, ids) == [recs[2], recs[0]]
+    assert await store.get_messages(alice.user_id, []) == []
+
+
+# ---- concurrency and durability ----------------------------------------------------------------
+
+
+async def test_concurrent_inserts_get_distinct_consecutive_uids(
+    metadata_store: MetadataStore,
+) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    results = await asyncio.gather(
+        *(store.insert_message(alice.user_id, inbox.folder_id, message()) for _ in range(50))
+    )
+    uids = sorted(rec.uid for rec, _ in results)
+    assert uids == list(range(1, 51))
+    modseqs = {rec.modseq for rec, _ in results}
+    assert len(modseqs) == 50
+    folder = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert folder is not None and folder.uidnext == 51 and folder.highestmodseq == max(modseqs)
+
+
+async def test_two_stores_on_one_database_never_share_a_uid(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
+) -> None:
+    first = metadata_store
+    alice, inbox = await make_user_with_inbox(first)
+    second = metadata_store_factory()  # a second process on the same database
+    await second.open()
+    try:
+        assert await second.get_folder(alice.user_id, inbox.folder_id) == inbox
+
+        async def insert(store: MetadataStore) -> int:
+            rec, _ = await store.insert_message(alice.user_id, inbox.folder_id, message())
+            return rec.uid
+
+        uids = await asyncio.gather(
+            *(insert(first if i % 2 else second) for i in range(40)),
+            *(second.store_flags(alice.user_id, ["none"], add=Flags(Flag.SEEN)) for _ in range(5)),
+        )
+        inserted = [u for u in uids if isinstance(u, int)]
+        assert sorted(inserted) == list(range(1, 41))
+        listed = await second.list_uids(alice.user_id, inbox.folder_id)
+        assert [r.uid for r in listed] == list(range(1, 41))
+        assert len(await first.list_uids(alice.user_id, inbox.folder_id)) == 40
+    finally:
+        await second.close()
+
+
+async def test_data_survives_reopen(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
+) -> None:
+    alice, inbox = await make_user_with_inbox(metadata_store)
+    rec, _ = await metadata_store.insert_message(alice.user_id, inbox.folder_id, message())
+    await metadata_store.close()
+    reopened = metadata_store_factory()
+    await reopened.open()
+    try:
+        assert await reopened.get_message(alice.user_id, rec.message_id) == rec
+        folder = await reopened.get_folder(alice.user_id, inbox.folder_id)
+        assert folder is not None and folder.uidnext == rec.uid + 1
+        next_rec, _ = await reopened.insert_message(alice.user_id, inbox.folder_id, message())
+        assert next_rec.uid == rec.uid + 1
+    finally:
+        await reopened.close()
