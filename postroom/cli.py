@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,12 +22,12 @@ from typing import Any
 from postroom import __version__
 from postroom.app import Postroom
 from postroom.config import ConfigError, Settings, load_settings, parse_hostport
+from postroom.listeners import PROTOCOLS as LISTENER_FLAGS
 from postroom.service import ServiceError
 from postroom.store.queue import INCOMING, OUTGOING
 
 log = logging.getLogger("postroom")
 
-LISTENER_FLAGS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -181,11 +182,18 @@ async def serve(settings: Settings) -> int:
 
     from postroom.http.api import create_app
     from postroom.http.server import HttpServer
+    from postroom.listeners import start_listeners
 
-    for name in LISTENER_FLAGS:
-        if getattr(settings.listeners, name):
-            raise ConfigError(f"the {name} listener is not available in this version")
     host, port = parse_hostport(settings.http.listen)
+    # Bind here, not inside uvicorn, so a taken port is a clear error before we serve.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -193,29 +201,33 @@ async def serve(settings: Settings) -> int:
 
     async with Postroom(settings) as node:
         await node.start_workers()
+        listeners = await start_listeners(node)
         app = create_app(node.service, settings.http.max_request_bytes)
         config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
                                 lifespan="off", access_log=False, server_header=False)
         server = HttpServer(config)
-        http_task = asyncio.create_task(server.serve(), name="http")
+        http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         log.info("postroom %s serving HTTP on http://%s:%d (data in %s)", __version__, host, port,
                  settings.data_dir.resolve())
         stop_task = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
         stop_task.cancel()
+        for listener in listeners:
+            listener.close()
         with contextlib.suppress(asyncio.CancelledError):
             await http_task
-        if http_task in done and not server.started:
-            log.error("the HTTP listener could not start on %s:%d", host, port)
-            return 1
+        for listener in listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.wait_closed(), 5)
         log.info("postroom stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from(args)
         logging.getLogger().setLevel(settings.log_level.upper())

@@ -11,7 +11,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -64,13 +64,48 @@ class HttpSettings(BaseModel):
 class ListenerSettings(BaseModel):
     """Listeners of later protocol servers; empty means disabled."""
 
-    smtp: str = ""
-    submission: str = ""
-    submissions: str = ""
+    smtp: str = "127.0.0.1:2525"  # MX; port 25 in production
+    submission: str = "127.0.0.1:5870"  # STARTTLS; port 587 in production
+    submissions: str = "127.0.0.1:4650"  # implicit TLS; port 465 in production
     imap: str = ""
     imaps: str = ""
-    pop3: str = ""
-    pop3s: str = ""
+    pop3: str = "127.0.0.1:1110"  # STLS; 110 in production
+    pop3s: str = "127.0.0.1:9950"  # implicit TLS; 995 in production
+
+
+class TlsSettings(BaseModel):
+    """Certificate and key (PEM files) for STARTTLS and implicit TLS; a self-signed pair is
+    generated once in the data dir when these are empty."""
+
+    cert: str = ""
+    key: str = ""
+
+
+class AuthSettings(BaseModel):
+    # Plaintext logins (SMTP AUTH, IMAP LOGIN, POP3 USER/PASS) need TLS, except from a loopback
+    # address, which counts as secure (as Dovecot treats it).
+    plaintext_on_loopback: bool = True
+
+
+class SmtpSettings(BaseModel):
+    """Limits of the SMTP listeners (MX and submission); each refusal has its own reply."""
+
+    max_recipients: int = 100  # RFC 5321 §4.5.3.1.8: at least 100 must be accepted
+    max_line_length: int = 10_000  # octets per DATA line with CRLF (RFC 5321 says 1000)
+    max_command_length: int = 2048  # command line with its extension parameters
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELO... before a transaction makes progress
+    max_errors: int = 10  # bad commands before the session is closed
+    connections_per_ip: int = 50
+    max_connections: int = 2000
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: the server waits 5 minutes
+    data_timeout: float = 600.0
+
+
+class Pop3Settings(BaseModel):
+    # What DELE does at QUIT: "expunge" (gone for good, as POP3 users expect) or "trash".
+    delete_action: Literal["expunge", "trash"] = "expunge"
+    # RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
+    idle_timeout: float = 600.0
 
 
 class MailSettings(BaseModel):
@@ -92,6 +127,10 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     listeners: ListenerSettings = Field(default_factory=ListenerSettings)
     mail: MailSettings = Field(default_factory=MailSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    pop3: Pop3Settings = Field(default_factory=Pop3Settings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
 
     @classmethod
     def settings_customise_sources(

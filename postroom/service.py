@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -108,6 +109,14 @@ class Page:
 class MessageDetail:
     record: MessageRecord
     parsed: ParsedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxSnapshot:
+    """A folder's records as they stood at one moment, in uid order (a POP3 maildrop)."""
+
+    folder: Folder
+    messages: list[MessageRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +453,7 @@ class MailService:
         clean = self._folder_name(new_name)
         if current.role is FolderRole.INBOX:
             raise InvalidInput("INBOX cannot be renamed")
-        if clean == "INBOX" or clean.startswith("INBOX/") and current.name == "INBOX":
+        if clean == "INBOX" or (clean.startswith("INBOX/") and current.name == "INBOX"):
             raise ConflictError("INBOX already exists")
         if clean == current.name or clean.startswith(current.name + "/"):
             raise InvalidInput("a folder cannot be renamed to itself or below itself")
@@ -508,6 +517,42 @@ class MailService:
         record = await self.get_message(user, message_id)
         return await self.blobs.get(record.blob_hash)
 
+    async def mailbox_snapshot(
+        self, user: User, role: FolderRole = FolderRole.INBOX
+    ) -> MailboxSnapshot:
+        """Every message of the user's role folder, in uid order, as of now."""
+        folder = await self.folder_by_role(user, role)
+        records = await self.metadata.list_uids(user.user_id, folder.folder_id)
+        return MailboxSnapshot(folder, records)
+
+    async def record_bytes(self, user: User, record: MessageRecord) -> bytes:
+        """The raw bytes of a record the user was shown (a snapshot entry), even if the
+        message has since moved; NotFoundError once its blob is gone."""
+        if record.user_id != user.user_id:
+            raise NotFoundError("no such message")
+        try:
+            return await self.blobs.get(record.blob_hash)
+        except NotFound:
+            raise NotFoundError("the message no longer exists") from None
+
+    async def remove_from_folder(
+        self, user: User, folder_id: str, message_ids: Sequence[str], *, to_trash: bool = False
+    ) -> int:
+        """Expunge (or move to Trash) those of the messages still in the folder; how many.
+
+        Messages another client moved elsewhere meanwhile are left alone, so a POP3 DELE
+        never removes mail from a folder it was not read from.
+        """
+        records = await self.metadata.get_messages(user.user_id, list(message_ids))
+        here = [r.message_id for r in records if r.folder_id == folder_id]
+        if not here:
+            return 0
+        if to_trash:
+            trash = await self.folder_by_role(user, FolderRole.TRASH)
+            if trash.folder_id != folder_id:
+                return len(await self.move(user, here, trash.folder_id))
+        return len(await self.expunge(user, here))
+
     async def attachment(self, user: User, message_id: str, index: int) -> Attachment:
         raw = await self.raw_message(user, message_id)
         part = attachment_part(raw, index)
@@ -541,7 +586,9 @@ class MailService:
                                       {"flags": record.flags.names()}))
         return changed
 
-    async def move(self, user: User, message_ids: Sequence[str], folder: str) -> list[MessageRecord]:
+    async def move(
+        self, user: User, message_ids: Sequence[str], folder: str
+    ) -> list[MessageRecord]:
         target = await self.get_folder(user, folder)
         moved = await self.metadata.move_messages(user.user_id, message_ids, target.folder_id)
         if moved:
@@ -552,7 +599,9 @@ class MailService:
                                       {"from_folder_id": old.folder_id, "from_uid": old.uid}))
         return [new for _, new in moved]
 
-    async def copy(self, user: User, message_ids: Sequence[str], folder: str) -> list[MessageRecord]:
+    async def copy(
+        self, user: User, message_ids: Sequence[str], folder: str
+    ) -> list[MessageRecord]:
         target = await self.get_folder(user, folder)
         copies = await self.metadata.copy_messages(user.user_id, message_ids, target.folder_id)
         if copies:
@@ -661,16 +710,10 @@ class MailService:
         recipients = list(dict.fromkeys([*to, *cc, *bcc]))
         if not recipients:
             raise InvalidInput("at least one recipient is required")
-        local_users: dict[str, User] = {}
-        remote: list[str] = []
-        for rcpt in recipients:
-            if await self.metadata.has_domain(domain_of(rcpt)):
-                target = await self.resolve_recipient(rcpt)
-                if target is None:
-                    raise InvalidInput(f"no such local recipient: {rcpt}")
-                local_users[rcpt] = target
-            else:
-                remote.append(rcpt)
+        for rcpt in recipients:  # refuse before anything is stored or queued
+            if await self.is_local_domain(domain_of(rcpt)) \
+                    and await self.resolve_recipient(rcpt) is None:
+                raise InvalidInput(f"no such local recipient: {rcpt}")
         references: list[str] = []
         in_reply_to: str | None = None
         replied: MessageRecord | None = None
@@ -683,7 +726,8 @@ class MailService:
                 references = list(replied.headers.references)
             if in_reply_to:
                 references.append(in_reply_to)
-        common = dict(
+        build = functools.partial(
+            compose_message,
             from_addr=user.address, from_name="", to=to, cc=cc, bcc=bcc, subject=draft.subject,
             text=draft.text, html=draft.html,
             attachments=[(a.filename, a.content_type, a.data) for a in draft.attachments],
@@ -691,33 +735,62 @@ class MailService:
             message_id=make_message_id(self.hostname), date=time.time(),
         )
         try:
-            sent_copy = compose_message(**common, include_bcc=True)  # type: ignore[arg-type]
-            transmitted = compose_message(**common, include_bcc=False)  # type: ignore[arg-type]
+            sent_copy = build(include_bcc=True)
+            transmitted = build(include_bcc=False)
         except ComposeError as exc:
             raise InvalidInput(str(exc)) from None
         self._check_size(transmitted)
 
-        # Remote recipients first: once the message is on the outgoing queue it will go out,
-        # so the Sent copy and local deliveries follow only a durable hand-off.
+        sent = await self._dispatch(user, Envelope(user.address, tuple(recipients)),
+                                    transmitted, sent_copy)
+        if replied is not None:
+            await self.set_flags(user, [replied.message_id], add=["\\Answered"])
+        return sent
+
+    async def may_send_as(self, user: User, address: str) -> bool:
+        """True when `address` is the user's own address or one of their aliases."""
+        if not address:
+            return False
+        target = await self.resolve_recipient(address)
+        return target is not None and target.user_id == user.user_id
+
+    async def submit(self, user: User, envelope: Envelope, raw: bytes) -> SendResult:
+        """Send a message the user composed themselves (SMTP submission).
+
+        Remote recipients go on the outgoing queue, local ones are delivered, and the sender
+        keeps a \\Seen copy in Sent. The caller checks MAIL FROM and From: via may_send_as.
+        """
+        self._check_size(raw)
+        return await self._dispatch(user, envelope, raw, raw)
+
+    async def _dispatch(
+        self, user: User, envelope: Envelope, transmitted: bytes, sent_copy: bytes
+    ) -> SendResult:
+        """Hand a sent message to its recipients and file the sender's copy in Sent.
+
+        Remote recipients first: once the message is on the outgoing queue it will go out, so
+        local deliveries and the Sent copy follow only a durable hand-off.
+        """
+        local: list[str] = []
+        remote: list[str] = []
+        for rcpt in dict.fromkeys(envelope.rcpt_to):
+            (local if await self.is_local_domain(domain_of(rcpt)) else remote).append(rcpt)
         queue_item = None
         if remote:
             digest = await self.blobs.put(transmitted)
-            payload = {"mail_from": user.address, "rcpt_to": remote, "blob": digest,
+            payload = {"mail_from": envelope.mail_from, "rcpt_to": remote, "blob": digest,
                        "user_id": user.user_id, "queued_at": time.time()}
             queue_item = await self.queue.put(OUTGOING, json.dumps(payload).encode())
-        delivered: list[str] = []
-        if local_users:
+        delivered: tuple[str, ...] = ()
+        if local:
             result = await self.deliver(
-                Envelope(user.address, tuple(local_users), authenticated_as=user.address),
-                transmitted,
-            )
-            delivered = list(result.delivered)
+                Envelope(envelope.mail_from, tuple(local), envelope.client_ip, envelope.helo,
+                         user.address), transmitted)
+            delivered = tuple(result.delivered)
         sent_folder = await self.folder_by_role(user, FolderRole.SENT)
         sent, _ = await self._file(user, sent_folder, sent_copy, parse_message(sent_copy),
                                    Flags(Flag.SEEN), None, None)
-        if replied is not None:
-            await self.set_flags(user, [replied.message_id], add=["\\Answered"])
-        return SendResult(sent, tuple(delivered), tuple(remote), queue_item)
+        return SendResult(sent, delivered, tuple(remote), queue_item)
 
     # ------------------------------------------------------------------------------ internals
 

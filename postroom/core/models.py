@@ -45,7 +45,7 @@ def _valid_keyword(word: str) -> bool:
 class Flags:
     """System flags as a bitmask and user keywords as a sorted tuple."""
 
-    system: Flag = Flag(0)
+    system: Flag = Flag(0)  # noqa: RUF009 - an immutable IntFlag value
     keywords: tuple[str, ...] = ()
 
     @classmethod

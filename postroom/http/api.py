@@ -6,6 +6,7 @@ import base64
 import binascii
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -70,6 +71,29 @@ def _unauthorized(message: str) -> JSONResponse:
                           {"WWW-Authenticate": 'Basic realm="postroom", charset="UTF-8"'})
 
 
+async def current_user(request: Request) -> User:
+    """The user of a request: HTTP Basic credentials or a bearer token."""
+    service: MailService = request.app.state.service
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    client = request.client.host if request.client else ""
+    if scheme.lower() == "bearer" and credentials:
+        return await service.user_for_token(credentials.strip())
+    if scheme.lower() == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthFailed("malformed Basic credentials") from None
+        address, sep, password = decoded.partition(":")
+        if not sep:
+            raise AuthFailed("malformed Basic credentials")
+        return await service.authenticate(address, password, client=client)
+    raise AuthFailed("authentication required")
+
+
+UserDep = Annotated[User, Depends(current_user)]
+
+
 def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) -> FastAPI:
     app = FastAPI(
         title="Postroom API",
@@ -78,6 +102,7 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
                     "token from POST /v1/auth/token.",
         responses=_ERRORS,
     )
+    app.state.service = service
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -114,25 +139,6 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
                                   f"request body exceeds {max_request_bytes} bytes")
         response: Response = await call_next(request)
         return response
-
-    async def current_user(request: Request) -> User:
-        header = request.headers.get("authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        client = request.client.host if request.client else ""
-        if scheme.lower() == "bearer" and credentials:
-            return await service.user_for_token(credentials.strip())
-        if scheme.lower() == "basic" and credentials:
-            try:
-                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                raise AuthFailed("malformed Basic credentials") from None
-            address, sep, password = decoded.partition(":")
-            if not sep:
-                raise AuthFailed("malformed Basic credentials")
-            return await service.authenticate(address, password, client=client)
-        raise AuthFailed("authentication required")
-
-    UserDep = Annotated[User, Depends(current_user)]
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz() -> Health:
@@ -259,8 +265,6 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
         filename = part.filename or f"attachment-{index}"
         quoted = filename.replace("\\", "_").replace('"', "_")
         ascii_name = quoted.encode("ascii", "replace").decode().replace("?", "_")
-        from urllib.parse import quote
-
         disposition = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
         # Never let a browser render mail content as a page of ours.
         return Response(part.data, media_type=part.content_type,

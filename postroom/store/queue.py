@@ -34,7 +34,9 @@ class Queue(Protocol):
     ) -> str:
         """Enqueue durably; returns the item id. Putting an existing id again is a no-op."""
         ...
-    async def take(self, topic: str, *, lease: float = 300.0, wait: float = 0.0) -> QueueItem | None:
+    async def take(
+        self, topic: str, *, lease: float = 300.0, wait: float = 0.0
+    ) -> QueueItem | None:
         """Lease the oldest due item, waiting up to `wait` seconds for one to become due."""
         ...
     async def ack(self, item: QueueItem) -> None:

@@ -1,0 +1,40 @@
+"""Starts the protocol listeners (SMTP, IMAP, POP3) that the settings enable.
+
+Each protocol package exposes a `start_*` coroutine returning its asyncio server; a listener whose
+address is empty in `[listeners]` is not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from postroom.app import Postroom
+from postroom.config import ConfigError
+
+PROTOCOLS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+
+
+async def start_listeners(node: Postroom) -> list[asyncio.Server]:
+    settings = node.settings
+    servers: list[asyncio.Server] = []
+    for name in PROTOCOLS:
+        address = getattr(settings.listeners, name)
+        if not address:
+            continue
+        if name in ("pop3", "pop3s"):
+            from postroom.pop3.server import start_pop3
+
+            servers.append(await start_pop3(node, address, implicit_tls=name == "pop3s"))
+            continue
+        if name in ("smtp", "submission", "submissions"):
+            from postroom.smtp.server import start_smtp_listener
+            from postroom.smtp.session import Mode
+            from postroom.tls import server_context
+
+            servers.append(await start_smtp_listener(
+                node.service, settings, Mode.MX if name == "smtp" else Mode.SUBMISSION,
+                address, implicit_tls=name == "submissions", tls_context=server_context(settings),
+            ))
+            continue
+        raise ConfigError(f"the {name} listener is not available in this version")
+    return servers
