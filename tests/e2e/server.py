@@ -1,0 +1,100 @@
+"""Run a real `postroom serve` process against a real data directory, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def postroom_cmd() -> list[str]:
+    return [sys.executable, "-m", "postroom.cli"]
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    http_port: int = field(default_factory=free_port)
+    pop3_port: int = field(default_factory=free_port)
+    pop3s_port: int = field(default_factory=free_port)
+    smtp_port: int = field(default_factory=free_port)
+    submission_port: int = field(default_factory=free_port)
+    submissions_port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        env.update(self.env)
+        return env
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a management command against the same data dir, as an operator would."""
+        result = subprocess.run(
+            [*postroom_cmd(), "--data-dir", str(self.data_dir), *args],
+            input=input, capture_output=True, text=True, env=self._env(), timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"postroom {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def start(self) -> None:
+        self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*postroom_cmd(), "--data-dir", str(self.data_dir), "serve",
+             "--http", f"127.0.0.1:{self.http_port}", "--hostname", "mx.example.test",
+             "--pop3", f"127.0.0.1:{self.pop3_port}", "--pop3s", f"127.0.0.1:{self.pop3s_port}",
+             "--smtp", f"127.0.0.1:{self.smtp_port}",
+             "--submission", f"127.0.0.1:{self.submission_port}",
+             "--submissions", f"127.0.0.1:{self.submissions_port}",
+             *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
