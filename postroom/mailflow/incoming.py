@@ -17,6 +17,7 @@ with backoff and never lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Retry schedule for items that fail for a passing reason (engine down, disk full).
 RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0)
+# How long a taken item stays ours without news; extended while we work on it.
+LEASE = 10.0
 
 
 class Rejected(Exception):
@@ -108,8 +111,24 @@ class IncomingPipeline:
         return message
 
 
-async def handle_item(pipeline: IncomingPipeline, queue: Queue, item: QueueItem) -> None:
+async def _hold_lease(queue: Queue, item: QueueItem, lease: float) -> None:
+    """Extend the item's lease while a step is still working on it.
+
+    Leases are short so that items a crashed node had taken are due again within seconds of a
+    restart; a long-running pipeline keeps its item by pushing `not_before` out (a retry with
+    the same attempt number is the queue's way to move an item's due time without releasing
+    it: a late ack of this lease still matches).
+    """
+    while True:
+        await asyncio.sleep(lease / 3)
+        await queue.retry(item, lease, error=item.last_error)
+
+
+async def handle_item(
+    pipeline: IncomingPipeline, queue: Queue, item: QueueItem, lease: float = 0.0
+) -> None:
     """Run one item through the pipeline, then ack it, or schedule a retry if a step failed."""
+    holder = asyncio.create_task(_hold_lease(queue, item, lease)) if lease > 0 else None
     try:
         await pipeline.process(item)
     except Rejected as exc:
@@ -118,16 +137,26 @@ async def handle_item(pipeline: IncomingPipeline, queue: Queue, item: QueueItem)
         delay = RETRY_DELAYS[min(item.attempts - 1, len(RETRY_DELAYS) - 1)]
         log.exception("incoming item %s failed (attempt %d); retrying in %.0fs",
                       item.item_id, item.attempts, delay)
+        await _stop(holder)
         await queue.retry(item, delay, error=repr(exc)[:500])
         return
+    finally:
+        await _stop(holder)
     await queue.ack(item)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def run_incoming_worker(
     service: MailService,
     queue: Queue,
     stop: asyncio.Event,
-    lease: float = 300.0,
+    lease: float = LEASE,
     pipeline: IncomingPipeline | None = None,
 ) -> None:
     pipeline = pipeline or IncomingPipeline(service)
@@ -141,6 +170,6 @@ async def run_incoming_worker(
         if item is None:
             continue
         try:
-            await handle_item(pipeline, queue, item)
+            await handle_item(pipeline, queue, item, lease)
         except Exception:  # the ack or retry itself failed: the lease brings the item back
             log.exception("finishing incoming item %s failed", item.item_id)
