@@ -47,111 +47,16 @@ from postroom.core.models import (
 )
 from postroom.store.errors import Conflict, NotFound, StoreError
 from postroom.store.metadata import Expunged, ListCursor, Token
+from postroom.store.migrations import migrate_sqlite
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 READER_THREADS = 4
 
-# Every table that belongs to a user has user_id first in its key (DESIGN.md §3), so the same
-# layout shards by user in PostgreSQL/Citus. users, domains, aliases, tokens and blob_refs are
-# global lookup tables.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS domains (
-    name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS users (
-    user_id TEXT PRIMARY KEY,
-    address TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    quota_bytes INTEGER NOT NULL DEFAULT 0,
-    last_uidvalidity INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS aliases (
-    alias TEXT PRIMARY KEY,
-    target TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS tokens (
-    token_hash TEXT PRIMARY KEY,
-    user_id TEXT NOT NULL REFERENCES users (user_id),
-    expires_at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user_id);
-CREATE TABLE IF NOT EXISTS folders (
-    user_id TEXT NOT NULL REFERENCES users (user_id),
-    folder_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    role TEXT,
-    uidvalidity INTEGER NOT NULL,
-    uidnext INTEGER NOT NULL DEFAULT 1,
-    highestmodseq INTEGER NOT NULL DEFAULT 1,
-    subscribed INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (user_id, folder_id),
-    UNIQUE (user_id, name)
-) WITHOUT ROWID;
--- one folder per special-use role and user, so get_folder_by_role is unambiguous
-CREATE UNIQUE INDEX IF NOT EXISTS folders_by_role ON folders (user_id, role)
-    WHERE role IS NOT NULL;
-CREATE TABLE IF NOT EXISTS messages (
-    user_id TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    folder_id TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    modseq INTEGER NOT NULL,
-    sysflags INTEGER NOT NULL DEFAULT 0,
-    keywords TEXT NOT NULL DEFAULT '',
-    internal_date REAL NOT NULL,
-    size INTEGER NOT NULL,
-    blob_hash TEXT NOT NULL,
-    from_ TEXT NOT NULL DEFAULT '',
-    to_ TEXT NOT NULL DEFAULT '',
-    cc TEXT NOT NULL DEFAULT '',
-    bcc TEXT NOT NULL DEFAULT '',
-    subject TEXT NOT NULL DEFAULT '',
-    date REAL,
-    header_message_id TEXT NOT NULL DEFAULT '',
-    in_reply_to TEXT NOT NULL DEFAULT '',
-    refs TEXT NOT NULL DEFAULT '[]',
-    snippet TEXT NOT NULL DEFAULT '',
-    has_attachments INTEGER NOT NULL DEFAULT 0,
-    thread_id TEXT NOT NULL,
-    spam_verdict TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (user_id, message_id),
-    UNIQUE (user_id, folder_id, uid),
-    FOREIGN KEY (user_id, folder_id) REFERENCES folders (user_id, folder_id)
-);
-CREATE INDEX IF NOT EXISTS messages_by_date
-    ON messages (user_id, folder_id, internal_date, uid);
-CREATE INDEX IF NOT EXISTS messages_by_header_id ON messages (user_id, header_message_id);
--- the message-ids each message refers to (In-Reply-To and References), so a parent that
--- arrives after its replies finds their thread by index instead of scanning the mailbox
-CREATE TABLE IF NOT EXISTS message_refs (
-    user_id TEXT NOT NULL,
-    ref TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, ref, message_id),
-    FOREIGN KEY (user_id, message_id) REFERENCES messages (user_id, message_id)
-        ON DELETE CASCADE
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS message_refs_by_message ON message_refs (user_id, message_id);
-CREATE TABLE IF NOT EXISTS deliveries (
-    user_id TEXT NOT NULL REFERENCES users (user_id),
-    delivery_key TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, delivery_key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS blob_refs (
-    blob_hash TEXT PRIMARY KEY,
-    refcount INTEGER NOT NULL
-) WITHOUT ROWID;
-"""
+# The schema lives in postroom/store/migrations (step 1 is the first release's); every table that
+# belongs to a user has user_id first in its key (DESIGN.md §3).
 
 _MESSAGE_COLUMNS = (
     "user_id, message_id, folder_id, uid, modseq, sysflags, keywords, internal_date, size, "
@@ -468,19 +373,8 @@ class SqliteMetadataStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL mode (got {mode})")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _split_sql(_SCHEMA):
-                conn.execute(statement)
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0]
-            if version is None:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif int(version) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this code"
-                    f" ({SCHEMA_VERSION})"
-                )
-            conn.execute("COMMIT")
+            # migrate at start-up: each missing step in its own write transaction
+            migrate_sqlite(conn, where=self.path)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -1207,12 +1101,3 @@ def _users_of_domain(conn: sqlite3.Connection, domain: str) -> list[User]:
     ).fetchall()
     # LIKE ignores ASCII case; the store compares names exactly, as everywhere else
     return [u for u in map(_user, rows) if _domain_of(u.address) == domain]
-
-
-def _split_sql(script: str) -> list[str]:
-    """The schema's statements, for running inside an explicit transaction.
-
-    (executescript would COMMIT first; the schema has no ';' inside a statement.)
-    """
-    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
