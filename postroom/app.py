@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from postroom.config import ConfigError, Settings
 from postroom.service import MailService
@@ -15,6 +15,7 @@ from postroom.store.blobs import BlobStore
 from postroom.store.cache import Cache
 from postroom.store.events import EventBus
 from postroom.store.metadata import MetadataStore
+from postroom.store.migrations import MigrationOutcome
 from postroom.store.queue import Queue
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,52 @@ def _query_int(url: str, key: str, default: int) -> int:
         raise ConfigError(f"{url!r}: {key} must be an integer") from None
 
 
+# query parameters of a postgresql:// URL that size the pool; the others go to the server
+_POOL_PARAMS = ("pool_min", "pool_max")
+
+
+def _postgres_dsn(url: str) -> str:
+    """The URL without the pool parameters (asyncpg sends unknown ones as server settings)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in _POOL_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def make_metadata(url: str) -> MetadataStore:
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
         from postroom.store.sqlite_metadata import SqliteMetadataStore
 
         return SqliteMetadataStore(_sqlite_path(url))
-    raise ConfigError(f"unsupported metadata store {url!r} (embedded: sqlite:///PATH)")
+    if scheme in ("postgresql", "postgres"):
+        from postroom.store.postgres_metadata import PostgresMetadataStore
+
+        return PostgresMetadataStore(
+            _postgres_dsn(url),
+            min_size=_query_int(url, "pool_min", 1),
+            max_size=_query_int(url, "pool_max", 10),
+        )
+    raise ConfigError(
+        f"unsupported metadata store {url!r}"
+        " (embedded: sqlite:///PATH; scale-out: postgresql://USER@HOST:PORT/DB)"
+    )
+
+
+async def migrate_metadata(
+    url: str, target: int | None = None, status_only: bool = False
+) -> MigrationOutcome:
+    """Bring the metadata schema at url up to date (or to target); `postroom migrate`."""
+    from postroom.store import migrations
+
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        path = _sqlite_path(url)
+        return await asyncio.to_thread(migrations.migrate_sqlite_file, path, target, status_only)
+    if scheme in ("postgresql", "postgres"):
+        return await migrations.migrate_postgres_dsn(
+            _postgres_dsn(url), target, status_only, where=f"{scheme}://{urlsplit(url).hostname}"
+        )
+    raise ConfigError(f"unsupported metadata store {url!r}")
 
 
 def make_blobs(url: str) -> BlobStore:

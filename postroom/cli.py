@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     qlist = qsub.add_parser("list", help="list queued items")
     qlist.add_argument("--topic", choices=[INCOMING, OUTGOING], default=None)
     qlist.add_argument("--json", action="store_true", help="machine-readable output")
+
+    migrate = sub.add_parser("migrate", help="bring the metadata schema up to date (servers also"
+                             " do this when they start)")
+    migrate.add_argument("--status", action="store_true",
+                         help="only show the schema version and the steps still to apply")
+    migrate.add_argument("--to", type=int, metavar="VERSION",
+                         help="apply the steps up to VERSION only")
     return parser
 
 
@@ -224,6 +231,36 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+async def migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """`postroom migrate`: apply the missing schema steps (expand-then-contract, so running
+    nodes of the previous release keep working), or with --status only report."""
+    from postroom.app import migrate_metadata
+    from postroom.store.errors import StoreError
+    from postroom.store.migrations import STEPS
+
+    try:
+        outcome = await migrate_metadata(settings.storage_url("metadata"), args.to, args.status)
+    except (StoreError, OSError) as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 2
+    before, after = outcome.before, outcome.after
+    names = {s.version: s.name for s in STEPS}
+    if args.status:
+        print(f"metadata schema at version {before.version}; this code knows {before.latest}")
+        for version in before.pending:
+            print(f"  pending: {version} {names[version]}")
+        if not before.compatible:
+            print(f"  this code is too old: the schema needs version {before.oldest_compatible}")
+        return 0
+    for version in outcome.applied:
+        print(f"applied {version} {names[version]}")
+    if outcome.applied:
+        print(f"metadata schema: version {before.version} -> {after.version}")
+    else:
+        print(f"metadata schema: version {after.version}, nothing to do")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO,
@@ -233,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(settings.log_level.upper())
         if args.command == "serve":
             return run_async(serve(settings))
+        if args.command == "migrate":
+            return run_async(migrate(args, settings))
         return run_async(with_node(settings, lambda node: manage(args, node)))
     except (ConfigError, ServiceError) as exc:
         print(f"postroom: {exc}", file=sys.stderr)

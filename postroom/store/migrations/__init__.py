@@ -35,11 +35,14 @@ from postroom.store.migrations.steps import STEPS, Step
 __all__ = [
     "LATEST",
     "STEPS",
+    "MigrationOutcome",
     "SchemaState",
     "SchemaTooNew",
     "Step",
     "migrate_postgres",
+    "migrate_postgres_dsn",
     "migrate_sqlite",
+    "migrate_sqlite_file",
     "postgres_state",
     "split_sql",
     "sqlite_state",
@@ -276,7 +279,47 @@ async def migrate_postgres(
                 time.time(),
             )
             await conn.execute("DELETE FROM schema_version")
-            await conn.execute(
-                "INSERT INTO schema_version (version) VALUES ($1)", oldest
-            )
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", oldest)
         done.append(version)
+
+
+# ---- on demand (`postroom migrate`) -----------------------------------------------------------
+
+
+def _sqlite_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    conn.execute("PRAGMA busy_timeout = 10000")  # a running server may hold the write lock
+    return conn
+
+
+def migrate_sqlite_file(
+    path: str, target: int | None = None, status_only: bool = False
+) -> MigrationOutcome:
+    """Migrate (or with status_only, only inspect) the SQLite database at path."""
+    conn = _sqlite_connect(path)
+    try:
+        if status_only:
+            state = sqlite_state(conn)
+            return MigrationOutcome(state, state, ())
+        return migrate_sqlite(conn, target=target, where=path)
+    finally:
+        conn.close()
+
+
+async def migrate_postgres_dsn(
+    dsn: str, target: int | None = None, status_only: bool = False, where: str = "postgresql"
+) -> MigrationOutcome:
+    """Migrate (or with status_only, only inspect) the PostgreSQL schema the DSN selects."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if status_only:
+                state = await postgres_state(conn)
+                return MigrationOutcome(state, state, ())
+            return await migrate_postgres(conn, target=target, where=where)
+        finally:
+            await conn.close()
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StoreError(f"{where}: {exc}") from exc
