@@ -41,6 +41,25 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class Reputation:
+    """Decayed ham and spam counts of one sender subject (`addr:a@b`, `ip4:192.0.2`...)."""
+
+    subject: str
+    ham: float
+    spam: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """A block or allow entry (an address, a domain or an IP); user_id '' is service-wide."""
+
+    user_id: str
+    value: str
+    action: str  # "block" or "allow"
+
+
+@dataclass(frozen=True, slots=True)
 class Expunged:
     """A removed record, with what the caller needs for events and blob collection."""
 
@@ -158,3 +177,38 @@ class MetadataStore(Protocol):
 
     # blob references: a blob is collected only when no record refers to it
     async def blob_refcount(self, blob_hash: str) -> int: ...
+
+    # spam filtering: sender reputation (service-wide), block/allow lists, contacts, each
+    # user's own classifier weights, and the outbound sending log behind the per-user limits
+    async def get_reputation(self, subjects: Sequence[str]) -> dict[str, Reputation]:
+        """Stored counts as last written (the caller decays them to its own clock)."""
+        ...
+    async def add_reputation(
+        self, subjects: Sequence[str], *, ham: float, spam: float, now: float, half_life: float
+    ) -> None:
+        """Decay each subject's counts to `now` (halving every `half_life` seconds), then add;
+        a subject seen for the first time starts from zero."""
+        ...
+    async def set_list_entry(self, user_id: str, value: str, action: str) -> None:
+        """Add or replace the entry for `value` in the user's (or, with '', the service's)
+        list."""
+        ...
+    async def remove_list_entry(self, user_id: str, value: str) -> bool: ...
+    async def list_entries(self, user_id: str) -> list[ListEntry]: ...
+    async def match_list_entries(
+        self, user_ids: Sequence[str], values: Sequence[str]
+    ) -> list[ListEntry]:
+        """The entries of any of these lists whose value is one of `values`."""
+        ...
+    async def add_contacts(self, user_id: str, addresses: Sequence[str], now: float) -> None: ...
+    async def known_contacts(self, user_id: str, addresses: Sequence[str]) -> set[str]:
+        """Those of `addresses` the user has written to."""
+        ...
+    async def get_spam_model(self, user_id: str) -> bytes | None: ...
+    async def put_spam_model(self, user_id: str, model: bytes, now: float) -> None: ...
+    async def record_send(self, user_id: str, recipients: int, now: float) -> None:
+        """Log one outgoing message; entries older than a day are dropped."""
+        ...
+    async def send_totals(self, user_id: str, since: float) -> tuple[int, int]:
+        """(messages, recipients) the user has sent since `since`."""
+        ...

@@ -46,7 +46,7 @@ from postroom.core.models import (
     User,
 )
 from postroom.store.errors import Conflict, NotFound, StoreError
-from postroom.store.metadata import Expunged, ListCursor, Token
+from postroom.store.metadata import Expunged, ListCursor, ListEntry, Reputation, Token
 from postroom.store.migrations import MigrationOutcome, migrate_postgres
 
 T = TypeVar("T")
@@ -1140,6 +1140,139 @@ class PostgresMetadataStore:
             return int(
                 await conn.fetchval("SELECT count(*) FROM messages WHERE blob_hash = $1", blob_hash)
             )
+
+        return await self._read(tx)
+
+    # -- spam filtering (spam.py's rows; reputation is service-wide, the rest keyed by user)
+
+    async def get_reputation(self, subjects: Sequence[str]) -> dict[str, Reputation]:
+        wanted = list(dict.fromkeys(subjects))
+
+        async def tx(conn: Connection) -> dict[str, Reputation]:
+            rows = await conn.fetch(
+                "SELECT subject, ham, spam, updated_at FROM spam_reputation"
+                " WHERE subject = ANY($1::text[])", wanted)
+            return {str(r[0]): Reputation(str(r[0]), float(r[1]), float(r[2]), float(r[3]))
+                    for r in rows}
+
+        return await self._read(tx) if wanted else {}
+
+    async def add_reputation(
+        self, subjects: Sequence[str], *, ham: float, spam: float, now: float, half_life: float
+    ) -> None:
+        wanted = sorted(set(subjects))  # a fixed order: concurrent updates cannot deadlock
+
+        async def tx(conn: Connection) -> None:
+            await conn.executemany(
+                "INSERT INTO spam_reputation AS r (subject, ham, spam, updated_at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (subject) DO UPDATE SET"
+                " ham = r.ham * power(0.5, greatest(0.0, $4 - r.updated_at) / $5) + $2,"
+                " spam = r.spam * power(0.5, greatest(0.0, $4 - r.updated_at) / $5) + $3,"
+                " updated_at = greatest(r.updated_at, $4)",
+                [(s, ham, spam, now, half_life if half_life > 0 else float("inf"))
+                 for s in wanted])
+
+        if wanted:
+            await self._write(tx)
+
+    async def set_list_entry(self, user_id: str, value: str, action: str) -> None:
+        async def tx(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO spam_lists (user_id, value, action, created_at)"
+                " VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (user_id, value) DO UPDATE SET action = EXCLUDED.action",
+                user_id, value, action, time.time())
+
+        await self._write(tx)
+
+    async def remove_list_entry(self, user_id: str, value: str) -> bool:
+        async def tx(conn: Connection) -> bool:
+            done = await conn.fetchval(
+                "DELETE FROM spam_lists WHERE user_id = $1 AND value = $2 RETURNING 1",
+                user_id, value)
+            return done is not None
+
+        return await self._write(tx)
+
+    async def list_entries(self, user_id: str) -> list[ListEntry]:
+        async def tx(conn: Connection) -> list[ListEntry]:
+            rows = await conn.fetch(
+                "SELECT user_id, value, action FROM spam_lists WHERE user_id = $1"
+                " ORDER BY value COLLATE \"C\"", user_id)
+            return [ListEntry(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+        return await self._read(tx)
+
+    async def match_list_entries(
+        self, user_ids: Sequence[str], values: Sequence[str]
+    ) -> list[ListEntry]:
+        users = list(dict.fromkeys(user_ids))
+        wanted = list(dict.fromkeys(values))
+
+        async def tx(conn: Connection) -> list[ListEntry]:
+            rows = await conn.fetch(
+                "SELECT user_id, value, action FROM spam_lists"
+                " WHERE user_id = ANY($1::text[]) AND value = ANY($2::text[])", users, wanted)
+            return [ListEntry(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+        return await self._read(tx) if users and wanted else []
+
+    async def add_contacts(self, user_id: str, addresses: Sequence[str], now: float) -> None:
+        wanted = sorted(set(addresses))
+
+        async def tx(conn: Connection) -> None:
+            await conn.executemany(
+                "INSERT INTO contacts (user_id, address, last_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (user_id, address) DO UPDATE SET last_at = EXCLUDED.last_at",
+                [(user_id, a, now) for a in wanted])
+
+        if wanted:
+            await self._write(tx)
+
+    async def known_contacts(self, user_id: str, addresses: Sequence[str]) -> set[str]:
+        wanted = list(dict.fromkeys(addresses))
+
+        async def tx(conn: Connection) -> set[str]:
+            rows = await conn.fetch(
+                "SELECT address FROM contacts WHERE user_id = $1 AND address = ANY($2::text[])",
+                user_id, wanted)
+            return {str(r[0]) for r in rows}
+
+        return await self._read(tx) if wanted else set()
+
+    async def get_spam_model(self, user_id: str) -> bytes | None:
+        async def tx(conn: Connection) -> bytes | None:
+            value = await conn.fetchval("SELECT model FROM spam_models WHERE user_id = $1",
+                                        user_id)
+            return bytes(value) if value is not None else None
+
+        return await self._read(tx)
+
+    async def put_spam_model(self, user_id: str, model: bytes, now: float) -> None:
+        async def tx(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO spam_models (user_id, model, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (user_id) DO UPDATE SET model = EXCLUDED.model,"
+                " updated_at = EXCLUDED.updated_at", user_id, model, now)
+
+        await self._write(tx)
+
+    async def record_send(self, user_id: str, recipients: int, now: float) -> None:
+        async def tx(conn: Connection) -> None:
+            await conn.execute("DELETE FROM send_log WHERE user_id = $1 AND sent_at < $2",
+                               user_id, now - 86400.0)
+            await conn.execute(
+                "INSERT INTO send_log (user_id, entry_id, sent_at, recipients)"
+                " VALUES ($1, $2, $3, $4)", user_id, new_id(), now, recipients)
+
+        await self._write(tx)
+
+    async def send_totals(self, user_id: str, since: float) -> tuple[int, int]:
+        async def tx(conn: Connection) -> tuple[int, int]:
+            row = await conn.fetchrow(
+                "SELECT count(*), COALESCE(sum(recipients), 0) FROM send_log"
+                " WHERE user_id = $1 AND sent_at >= $2", user_id, since)
+            return int(row[0]), int(row[1])
 
         return await self._read(tx)
 

@@ -46,7 +46,7 @@ from postroom.core.models import (
     User,
 )
 from postroom.store.errors import Conflict, NotFound, StoreError
-from postroom.store.metadata import Expunged, ListCursor, Token
+from postroom.store.metadata import Expunged, ListCursor, ListEntry, Reputation, Token
 from postroom.store.migrations import migrate_sqlite
 
 P = ParamSpec("P")
@@ -1091,6 +1091,161 @@ class SqliteMetadataStore:
             return int(row[0]) if row is not None else 0
 
         return await self._read(tx)
+
+    # -- spam filtering
+
+    async def get_reputation(self, subjects: Sequence[str]) -> dict[str, Reputation]:
+        wanted = list(dict.fromkeys(subjects))
+
+        def tx(conn: sqlite3.Connection) -> dict[str, Reputation]:
+            out: dict[str, Reputation] = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(
+                    "SELECT subject, ham, spam, updated_at FROM spam_reputation"
+                    f" WHERE subject IN ({marks})", chunk,
+                ):
+                    out[str(row[0])] = Reputation(str(row[0]), float(row[1]), float(row[2]),
+                                                  float(row[3]))
+            return out
+
+        return await self._read(tx) if wanted else {}
+
+    async def add_reputation(
+        self, subjects: Sequence[str], *, ham: float, spam: float, now: float, half_life: float
+    ) -> None:
+        wanted = list(dict.fromkeys(subjects))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            for subject in wanted:
+                row = conn.execute(
+                    "SELECT ham, spam, updated_at FROM spam_reputation WHERE subject = ?",
+                    (subject,),
+                ).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO spam_reputation (subject, ham, spam, updated_at)"
+                        " VALUES (?, ?, ?, ?)", (subject, ham, spam, now))
+                    continue
+                age = max(0.0, now - float(row[2]))
+                keep = 0.5 ** (age / half_life) if half_life > 0 else 1.0
+                conn.execute(
+                    "UPDATE spam_reputation SET ham = ?, spam = ?, updated_at = ?"
+                    " WHERE subject = ?",
+                    (float(row[0]) * keep + ham, float(row[1]) * keep + spam,
+                     max(now, float(row[2])), subject))
+
+        if wanted:
+            await self._write(tx)
+
+    async def set_list_entry(self, user_id: str, value: str, action: str) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO spam_lists (user_id, value, action, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (user_id, value) DO UPDATE SET action = excluded.action",
+                (user_id, value, action, time.time()))
+
+        await self._write(tx)
+
+    async def remove_list_entry(self, user_id: str, value: str) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM spam_lists WHERE user_id = ? AND value = ?",
+                               (user_id, value))
+            return cur.rowcount > 0
+
+        return await self._write(tx)
+
+    async def list_entries(self, user_id: str) -> list[ListEntry]:
+        def tx(conn: sqlite3.Connection) -> list[ListEntry]:
+            return [ListEntry(str(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
+                "SELECT user_id, value, action FROM spam_lists WHERE user_id = ?"
+                " ORDER BY value", (user_id,))]
+
+        return await self._read(tx)
+
+    async def match_list_entries(
+        self, user_ids: Sequence[str], values: Sequence[str]
+    ) -> list[ListEntry]:
+        users = list(dict.fromkeys(user_ids))
+        wanted = list(dict.fromkeys(values))
+
+        def tx(conn: sqlite3.Connection) -> list[ListEntry]:
+            out: list[ListEntry] = []
+            for user_id in users:
+                for chunk in _chunks(wanted):
+                    marks = ",".join("?" * len(chunk))
+                    out += [ListEntry(str(r[0]), str(r[1]), str(r[2])) for r in conn.execute(
+                        "SELECT user_id, value, action FROM spam_lists"
+                        f" WHERE user_id = ? AND value IN ({marks})", (user_id, *chunk))]
+            return out
+
+        return await self._read(tx) if users and wanted else []
+
+    async def add_contacts(self, user_id: str, addresses: Sequence[str], now: float) -> None:
+        wanted = list(dict.fromkeys(addresses))
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO contacts (user_id, address, last_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id, address) DO UPDATE SET last_at = excluded.last_at",
+                [(user_id, a, now) for a in wanted])
+
+        if wanted:
+            await self._write(tx)
+
+    async def known_contacts(self, user_id: str, addresses: Sequence[str]) -> set[str]:
+        wanted = list(dict.fromkeys(addresses))
+
+        def tx(conn: sqlite3.Connection) -> set[str]:
+            out: set[str] = set()
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                out |= {str(r[0]) for r in conn.execute(
+                    f"SELECT address FROM contacts WHERE user_id = ? AND address IN ({marks})",
+                    (user_id, *chunk))}
+            return out
+
+        return await self._read(tx) if wanted else set()
+
+    async def get_spam_model(self, user_id: str) -> bytes | None:
+        def tx(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT model FROM spam_models WHERE user_id = ?",
+                               (user_id,)).fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._read(tx)
+
+    async def put_spam_model(self, user_id: str, model: bytes, now: float) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO spam_models (user_id, model, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (user_id) DO UPDATE SET model = excluded.model,"
+                " updated_at = excluded.updated_at", (user_id, model, now))
+
+        await self._write(tx)
+
+    async def record_send(self, user_id: str, recipients: int, now: float) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM send_log WHERE user_id = ? AND sent_at < ?",
+                         (user_id, now - 86400.0))
+            conn.execute(
+                "INSERT INTO send_log (user_id, entry_id, sent_at, recipients)"
+                " VALUES (?, ?, ?, ?)", (user_id, new_id(), now, recipients))
+
+        await self._write(tx)
+
+    async def send_totals(self, user_id: str, since: float) -> tuple[int, int]:
+        def tx(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(recipients), 0) FROM send_log"
+                " WHERE user_id = ? AND sent_at >= ?", (user_id, since)).fetchone()
+            return int(row[0]), int(row[1])
+
+        return await self._read(tx)
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def _users_of_domain(conn: sqlite3.Connection, domain: str) -> list[User]:

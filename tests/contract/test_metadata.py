@@ -843,3 +843,76 @@ async def test_data_survives_reopen(
         assert next_rec.uid == rec.uid + 1
     finally:
         await reopened.close()
+
+
+# ---- spam filtering: reputation, lists, contacts, user models, sending log ----------------------
+
+
+async def test_reputation_decays_then_adds(metadata_store: MetadataStore) -> None:
+    assert await metadata_store.get_reputation(["addr:x@example.org"]) == {}
+    await metadata_store.add_reputation(["addr:x@example.org", "dom:example.org"], ham=0.0,
+                                        spam=1.0, now=1000.0, half_life=100.0)
+    await metadata_store.add_reputation(["addr:x@example.org"], ham=1.0, spam=0.0, now=1100.0,
+                                        half_life=100.0)
+    got = await metadata_store.get_reputation(["addr:x@example.org", "dom:example.org", "nope"])
+    assert set(got) == {"addr:x@example.org", "dom:example.org"}
+    addr = got["addr:x@example.org"]
+    assert addr.spam == pytest.approx(0.5)  # one half-life later
+    assert addr.ham == pytest.approx(1.0)
+    assert addr.updated_at == 1100.0
+    assert got["dom:example.org"].spam == pytest.approx(1.0)
+
+
+async def test_block_and_allow_lists(metadata_store: MetadataStore) -> None:
+    alice = await make_user(metadata_store)
+    await metadata_store.set_list_entry("", "spammer.example", "block")
+    await metadata_store.set_list_entry(alice.user_id, "friend@spammer.example", "allow")
+    await metadata_store.set_list_entry(alice.user_id, "192.0.2.7", "block")
+    await metadata_store.set_list_entry(alice.user_id, "192.0.2.7", "allow")  # replaces
+    assert [(e.value, e.action) for e in await metadata_store.list_entries(alice.user_id)] == [
+        ("192.0.2.7", "allow"), ("friend@spammer.example", "allow")]
+    found = await metadata_store.match_list_entries(
+        ["", alice.user_id], ["friend@spammer.example", "spammer.example", "other.example"])
+    assert sorted((e.user_id, e.value, e.action) for e in found) == [
+        ("", "spammer.example", "block"),
+        (alice.user_id, "friend@spammer.example", "allow")]
+    bob = await make_user(metadata_store, "bob@example.com")
+    assert await metadata_store.match_list_entries([bob.user_id], ["192.0.2.7"]) == []
+    assert await metadata_store.remove_list_entry("", "spammer.example") is True
+    assert await metadata_store.remove_list_entry("", "spammer.example") is False
+    assert await metadata_store.list_entries("") == []
+
+
+async def test_contacts_are_per_user(metadata_store: MetadataStore) -> None:
+    alice = await make_user(metadata_store)
+    bob = await make_user(metadata_store, "bob@example.com")
+    await metadata_store.add_contacts(alice.user_id, ["carol@example.org", "dan@example.net"],
+                                      now=1.0)
+    await metadata_store.add_contacts(alice.user_id, ["carol@example.org"], now=2.0)
+    assert await metadata_store.known_contacts(
+        alice.user_id, ["carol@example.org", "eve@example.org"]) == {"carol@example.org"}
+    assert await metadata_store.known_contacts(bob.user_id, ["carol@example.org"]) == set()
+
+
+async def test_spam_models_per_user(metadata_store: MetadataStore) -> None:
+    alice = await make_user(metadata_store)
+    bob = await make_user(metadata_store, "bob@example.com")
+    assert await metadata_store.get_spam_model(alice.user_id) is None
+    await metadata_store.put_spam_model(alice.user_id, b"\x00\x01model", now=1.0)
+    await metadata_store.put_spam_model(alice.user_id, b"\x00\x02newer", now=2.0)
+    assert await metadata_store.get_spam_model(alice.user_id) == b"\x00\x02newer"
+    assert await metadata_store.get_spam_model(bob.user_id) is None
+
+
+async def test_send_log_totals(metadata_store: MetadataStore) -> None:
+    alice = await make_user(metadata_store)
+    bob = await make_user(metadata_store, "bob@example.com")
+    await metadata_store.record_send(alice.user_id, 3, now=1_000.0)
+    await metadata_store.record_send(alice.user_id, 2, now=5_000.0)
+    await metadata_store.record_send(bob.user_id, 7, now=5_000.0)
+    assert await metadata_store.send_totals(alice.user_id, since=0.0) == (2, 5)
+    assert await metadata_store.send_totals(alice.user_id, since=2_000.0) == (1, 2)
+    # a day later the old entries are gone
+    await metadata_store.record_send(alice.user_id, 1, now=1_000.0 + 90_000.0)
+    assert await metadata_store.send_totals(alice.user_id, since=0.0) == (2, 3)
+    assert await metadata_store.send_totals(bob.user_id, since=0.0) == (1, 7)

@@ -234,8 +234,52 @@ CREATE INDEX IF NOT EXISTS messages_by_modseq ON messages (user_id, folder_id, m
 """
 _POSTGRES_2 = _SQLITE_2
 
+# ---- 3: spam filtering -----------------------------------------------------------------------
+# Sender reputation (decaying ham/spam counts per subject: address, domain, authenticated domain,
+# client network; service-wide, not a user's data), block/allow lists (user_id '' is the whole
+# service), the addresses each user has written to (trusted for that user), each user's own
+# classifier weights, and the outbound sending log behind the per-user limits. Expand only.
+
+_SQLITE_3 = """
+CREATE TABLE IF NOT EXISTS spam_reputation (
+    subject TEXT PRIMARY KEY,
+    ham REAL NOT NULL,
+    spam REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS spam_lists (
+    user_id TEXT NOT NULL,
+    value TEXT NOT NULL,
+    action TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (user_id, value)
+);
+CREATE TABLE IF NOT EXISTS contacts (
+    user_id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    last_at REAL NOT NULL,
+    PRIMARY KEY (user_id, address)
+);
+CREATE TABLE IF NOT EXISTS spam_models (
+    user_id TEXT PRIMARY KEY,
+    model BLOB NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS send_log (
+    user_id TEXT NOT NULL,
+    entry_id TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    recipients INTEGER NOT NULL,
+    PRIMARY KEY (user_id, entry_id)
+);
+CREATE INDEX IF NOT EXISTS send_log_by_time ON send_log (user_id, sent_at);
+"""
+_POSTGRES_3 = (_SQLITE_3.replace("REAL", "DOUBLE PRECISION").replace("BLOB", "BYTEA")
+               .replace("recipients INTEGER", "recipients BIGINT"))
+
 
 STEPS: tuple[Step, ...] = (
     Step(1, "initial schema", _SQLITE_1, _POSTGRES_1, oldest_compatible=1),
     Step(2, "messages by modseq", _SQLITE_2, _POSTGRES_2),
+    Step(3, "spam filtering", _SQLITE_3, _POSTGRES_3),
 )
