@@ -827,6 +827,53 @@ async def test_two_stores_on_one_database_never_share_a_uid(
         await second.close()
 
 
+async def test_two_nodes_hand_out_uids_and_modseqs_in_one_order(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
+) -> None:
+    """Inserts, copies and moves into one folder from two nodes at once: every record gets its
+    own uid, and uid order is modseq order (both come from one atomic step on the folder)."""
+    first = metadata_store
+    alice, inbox = await make_user_with_inbox(first)
+    uid, fid = alice.user_id, inbox.folder_id
+    other = await first.create_folder(uid, "Other")
+    seeds = [(await first.insert_message(uid, other.folder_id, message()))[0] for _ in range(12)]
+    second = metadata_store_factory()  # another node: its own connections
+    await second.open()
+    try:
+
+        def node(i: int) -> MetadataStore:
+            return first if i % 2 else second
+
+        async def insert(i: int) -> list[tuple[int, int]]:
+            rec, _ = await node(i).insert_message(uid, fid, message())
+            return [(rec.uid, rec.modseq)]
+
+        async def copy(i: int) -> list[tuple[int, int]]:
+            copies = await node(i).copy_messages(uid, [seeds[i].message_id], fid)
+            return [(r.uid, r.modseq) for r in copies]
+
+        async def move(i: int) -> list[tuple[int, int]]:
+            moved = await node(i).move_messages(uid, [seeds[i].message_id], fid)
+            return [(r.uid, r.modseq) for _, r in moved]
+
+        results = await asyncio.gather(
+            *(insert(i) for i in range(20)),
+            *(copy(i) for i in range(6)),
+            *(move(i) for i in range(6, 12)),
+        )
+        filed = sorted(pair for result in results for pair in result)
+        assert [u for u, _ in filed] == list(range(1, 33))
+        modseqs = [m for _, m in filed]
+        assert modseqs == sorted(modseqs) and len(set(modseqs)) == 32
+        listed = await first.list_uids(uid, fid)
+        assert [(r.uid, r.modseq) for r in listed] == filed
+        folder = await second.get_folder(uid, fid)
+        assert folder is not None and (folder.uidnext, folder.highestmodseq) == (33, modseqs[-1])
+        assert len(await second.list_uids(uid, other.folder_id)) == 6
+    finally:
+        await second.close()
+
+
 async def test_data_survives_reopen(
     metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
 ) -> None:
