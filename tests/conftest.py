@@ -7,6 +7,8 @@ from collections.abc import Generator
 
 import pytest
 
+from tests.engines import s3_server  # noqa: F401  (session-scoped SeaweedFS for any test)
+
 REQUIRE_ALL = os.environ.get("POSTROOM_REQUIRE_ALL") == "1"
 
 

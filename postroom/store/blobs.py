@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Protocol
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def blob_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    """The digest, if it is exactly the lower-case sha256 hex form; ValueError otherwise.
+
+    A digest becomes a file path or an object key: nothing else may get near the storage.
+    """
+    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+        raise ValueError(f"not a sha256 hex digest: {digest!r}")
+    return digest
 
 
 class BlobStore(Protocol):

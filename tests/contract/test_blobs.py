@@ -17,23 +17,33 @@ import pytest_asyncio
 from postroom.store.blobs import BlobStore, blob_hash
 from postroom.store.errors import NotFound
 from postroom.store.fs_blobs import FsBlobStore
+from tests.engines import unique_name
 
-IMPLEMENTATIONS = ["fs"]
+IMPLEMENTATIONS = ["fs", "s3"]
 
 MakeStore = Callable[[], Awaitable[BlobStore]]
 
 
-def _factory(name: str, tmp_path: Path) -> Callable[[], BlobStore]:
+def _factory(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[], BlobStore]:
     if name == "fs":
         root = str(tmp_path / "blobs")
         return lambda: FsBlobStore(root)
+    if name == "s3":
+        from postroom.store.s3_blobs import S3BlobStore
+
+        server = request.getfixturevalue("s3_server")  # skips when SeaweedFS is missing
+        bucket = unique_name("b").lower()  # a fresh bucket per test, made by open()
+        return lambda: S3BlobStore(bucket, endpoint=server.endpoint,
+                                   access_key=server.access_key, secret_key=server.secret_key)
     raise AssertionError(f"unknown blob store {name}")
 
 
 @pytest_asyncio.fixture(params=IMPLEMENTATIONS)
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
     """Opens a new store on the same underlying storage each call (to test reopening)."""
-    build = _factory(request.param, tmp_path)
+    build = _factory(request.param, tmp_path, request)
     opened: list[BlobStore] = []
 
     async def make() -> BlobStore:

@@ -1,8 +1,8 @@
 """Contract for the cache seam: every `Cache` implementation must pass this suite.
 
 To add an implementation, add its name to `IMPLEMENTATIONS` and a branch to `_factory`
-(skipping when its server is not configured). Implementations are built with room for
-`CAPACITY` entries so eviction can be observed.
+(skipping when its server is not configured). Capacity is not part of the contract (Redis's is
+its server's maxmemory policy): the LRU's eviction is tested on an `LruCache` of `CAPACITY`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,37 @@ import pytest_asyncio
 
 from postroom.store.cache import Cache
 from postroom.store.memory_cache import LruCache
+from tests.engines import require_redis, unique_name
 
-IMPLEMENTATIONS = ["memory"]
+IMPLEMENTATIONS = ["memory", "redis"]
 
 CAPACITY = 3
 
 
 def _factory(name: str) -> Cache:
     if name == "memory":
-        return LruCache(max_entries=CAPACITY)
+        return LruCache(max_entries=1000)
+    if name == "redis":
+        from postroom.store.redis_cache import RedisCache
+
+        return RedisCache(require_redis(), prefix=unique_name("c") + ":")
     raise AssertionError(f"unknown cache {name}")
+
+
+async def _clean(cache: Cache) -> None:
+    """Remove every key a Redis-backed test wrote (its prefix is unique to the test)."""
+    from postroom.store.redis_cache import RedisCache
+
+    if isinstance(cache, RedisCache):
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(cache.url)
+        try:
+            keys = [k async for k in client.scan_iter(match=cache.prefix + "*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
 
 @pytest_asyncio.fixture(params=IMPLEMENTATIONS)
@@ -33,6 +54,7 @@ async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
     await cache.open()
     yield cache
     await cache.close()
+    await _clean(cache)
 
 
 async def test_get_set(cache: Cache) -> None:
@@ -94,7 +116,10 @@ async def test_set_again_replaces_ttl(cache: Cache) -> None:
     assert await cache.get("k") == b"2"
 
 
-async def test_lru_eviction(cache: Cache) -> None:
+async def test_lru_eviction() -> None:
+    # Capacity is the embedded cache's own bound; a shared engine's is its server's (Redis's
+    # maxmemory policy), so this is not part of the seam's contract.
+    cache = LruCache(max_entries=CAPACITY)
     for n in range(CAPACITY):
         await cache.set(f"k{n}", b"v")
     assert await cache.get("k0") == b"v"  # k0 is now the most recently used; k1 the least
@@ -114,3 +139,28 @@ async def test_memory_cache_is_bounded() -> None:
     assert await cache.get("k89") is None
     with pytest.raises(ValueError):
         LruCache(max_entries=0)
+
+
+async def test_delete_prefix_across_buckets(cache: Cache) -> None:
+    # Keys with two colons or more are grouped per `a:b:` bucket in Redis; a prefix shorter or
+    # longer than a bucket name must still find exactly the keys it names.
+    keys = ["u:1:list:INBOX", "u:1:list:Sent", "u:1:sum", "u:12:list", "u:2:list", "v:1:x", "u:1"]
+    for key in keys:
+        await cache.set(key, key.encode())
+    await cache.delete_prefix("u:1:list:")
+    assert [k for k in keys if await cache.get(k) is not None] == [
+        "u:1:sum", "u:12:list", "u:2:list", "v:1:x", "u:1"]
+    await cache.delete_prefix("u:1")
+    assert [k for k in keys if await cache.get(k) is not None] == ["u:2:list", "v:1:x"]
+    await cache.delete_prefix("")
+    assert [k for k in keys if await cache.get(k) is not None] == []
+
+
+async def test_unicode_keys_and_prefixes(cache: Cache) -> None:
+    await cache.set("u:ü:Entwürfe", b"1")
+    await cache.set("u:ü:Entwürfe2", b"2")
+    await cache.set("u:ü:Eingang", b"3")
+    await cache.delete_prefix("u:ü:Entw")
+    assert await cache.get("u:ü:Entwürfe") is None
+    assert await cache.get("u:ü:Entwürfe2") is None
+    assert await cache.get("u:ü:Eingang") == b"3"

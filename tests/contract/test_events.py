@@ -24,8 +24,9 @@ from postroom.store.events import (
     Subscription,
 )
 from postroom.store.local_events import LocalEventBus
+from tests.engines import require_redis, unique_name
 
-IMPLEMENTATIONS = ["local"]
+IMPLEMENTATIONS = ["local", "redis"]
 
 TIMEOUT = 2.0
 
@@ -33,6 +34,10 @@ TIMEOUT = 2.0
 def _factory(name: str) -> EventBus:
     if name == "local":
         return LocalEventBus()
+    if name == "redis":
+        from postroom.store.redis_events import RedisEventBus
+
+        return RedisEventBus(require_redis(), prefix=unique_name("e") + ":")
     raise AssertionError(f"unknown event bus {name}")
 
 
@@ -170,3 +175,71 @@ async def test_slow_subscriber_does_not_block_publisher() -> None:
     assert slow.overflowed and slow.closed
     assert await Reader(slow).rest() == []
     await bus.close()
+
+
+# Redis: what only a bus shared between processes can show.
+
+
+async def _redis_pair() -> tuple[EventBus, EventBus]:
+    from postroom.store.redis_events import RedisEventBus
+
+    url, prefix = require_redis(), unique_name("e") + ":"
+    node_a, node_b = RedisEventBus(url, prefix=prefix), RedisEventBus(url, prefix=prefix)
+    await node_a.open()
+    await node_b.open()
+    return node_a, node_b
+
+
+async def test_redis_events_reach_other_nodes() -> None:
+    node_a, node_b = await _redis_pair()
+    try:
+        alice_on_b = Reader(await node_b.subscribe("alice"))
+        everyone_on_a = Reader(await node_a.subscribe())
+        await node_a.publish(new("bob", 1))
+        await node_a.publish(new("alice", 2))
+        assert await alice_on_b.next() == new("alice", 2)
+        assert await everyone_on_a.next() == new("bob", 1)
+        assert await everyone_on_a.next() == new("alice", 2)
+    finally:
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_redis_resubscribe_after_last_listener_left() -> None:
+    node_a, node_b = await _redis_pair()
+    try:
+        for uid in range(1, 4):  # subscribe, close (UNSUBSCRIBE), subscribe again, quickly
+            subscription = await node_b.subscribe("alice")
+            await node_a.publish(new("alice", uid))
+            assert await Reader(subscription).next() == new("alice", uid)
+            await subscription.close()
+    finally:
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_redis_lost_connection_ends_subscriptions() -> None:
+    from redis.asyncio import Redis
+
+    from postroom.store.redis_events import RedisEventBus
+
+    node_a, node_b = await _redis_pair()
+    admin = Redis.from_url(require_redis())
+    try:
+        assert isinstance(node_b, RedisEventBus)
+        subscription = await node_b.subscribe("alice")
+        pending = asyncio.create_task(Reader(subscription).rest())
+        await asyncio.sleep(0.05)
+        clients = await admin.client_list(_type="pubsub")
+        ids = [c["id"] for c in clients if c.get("name") == node_b.subscriber_name]
+        assert len(ids) == 1
+        await admin.execute_command("CLIENT", "KILL", "ID", ids[0])
+        assert await pending == []  # ended: the subscriber must resynchronise
+        assert subscription.interrupted
+        again = Reader(await node_b.subscribe("alice"))  # and the bus works again
+        await node_a.publish(new("alice", 5))
+        assert await again.next() == new("alice", 5)
+    finally:
+        await admin.aclose()
+        await node_a.close()
+        await node_b.close()
