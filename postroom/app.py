@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from postroom.config import ConfigError, Settings
@@ -17,6 +17,9 @@ from postroom.store.events import EventBus
 from postroom.store.metadata import MetadataStore
 from postroom.store.migrations import MigrationOutcome
 from postroom.store.queue import Queue
+
+if TYPE_CHECKING:
+    from postroom.mailflow.outgoing import OutboundDelivery
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class Postroom:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._opened: list[Any] = []
+        self.delivery: OutboundDelivery | None = None
 
     async def open(self) -> None:
         for backend in (self.metadata, self.blobs, self.queue, self.cache, self.events):
@@ -157,6 +161,14 @@ class Postroom:
             self._tasks.append(asyncio.create_task(
                 run_incoming_worker(self.service, self.queue, self._stop),
                 name=f"incoming-worker-{n}",
+            ))
+        from postroom.mailflow.outgoing import OutboundDelivery, run_delivery_worker
+
+        self.delivery = OutboundDelivery(self.service, self.queue, self.settings)
+        for n in range(self.settings.delivery.workers):
+            self._tasks.append(asyncio.create_task(
+                run_delivery_worker(self.delivery, self.queue, self._stop),
+                name=f"delivery-worker-{n}",
             ))
 
     async def close(self) -> None:
@@ -172,6 +184,9 @@ class Postroom:
                 if not task.cancelled() and task.exception() is not None:
                     log.error("worker %s ended with %r", task.get_name(), task.exception())
         self._tasks.clear()
+        if self.delivery is not None:
+            with contextlib.suppress(Exception):
+                await self.delivery.close()
         while self._opened:
             backend = self._opened.pop()
             try:

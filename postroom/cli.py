@@ -15,7 +15,6 @@ import logging
 import signal
 import socket
 import sys
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -85,6 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     qlist = qsub.add_parser("list", help="list queued items")
     qlist.add_argument("--topic", choices=[INCOMING, OUTGOING], default=None)
     qlist.add_argument("--json", action="store_true", help="machine-readable output")
+    qshow = qsub.add_parser("show", help="one item with its delivery attempts and outcomes")
+    qshow.add_argument("id", help="queue id (or the id it was first queued with)")
+    qshow.add_argument("--json", action="store_true", help="machine-readable output")
+    qretry = qsub.add_parser("retry", help="make items due for delivery now")
+    qretry_which = qretry.add_mutually_exclusive_group(required=True)
+    qretry_which.add_argument("id", nargs="?", help="queue id")
+    qretry_which.add_argument("--all", action="store_true", help="every outgoing item")
+    qsub.add_parser("delete", help="remove an item for good (no bounce is sent)"
+                    ).add_argument("id", help="queue id")
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dkimsub = dkim.add_subparsers(dest="action", required=True)
+    dkgen = dkimsub.add_parser("generate", help="make a signing key for DOMAIN and print the "
+                               "DNS TXT record to publish")
+    dkgen.add_argument("domain")
+    dkgen.add_argument("--selector", default="postroom", help="DKIM selector (default postroom)")
+    dkgen.add_argument("--bits", type=int, default=2048, choices=[1024, 2048, 3072, 4096])
+
+    dnsrec = sub.add_parser("dns-records", help="print the MX, SPF, DKIM and DMARC records a "
+                            "domain needs")
+    dnsrec.add_argument("domain")
+    dnsrec.set_defaults(action="")
 
     migrate = sub.add_parser("migrate", help="bring the metadata schema up to date (servers also"
                              " do this when they start)")
@@ -159,28 +180,59 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
             for a in await service.list_aliases():
                 print(f"{a.alias} -> {a.target}")
     elif cmd == "queue":
+        return await manage_queue(args, node)
+    elif cmd == "dkim":
+        from postroom.mailflow.dkim import DkimError, DkimKeys
+
+        try:
+            key = DkimKeys(node.settings.data_dir / "dkim").generate(
+                args.domain, args.selector, bits=args.bits)
+        except DkimError as exc:
+            raise ServiceError(str(exc)) from None
+        print(f"; DKIM key for {key.domain}, selector {key.selector}: publish this TXT record")
+        print(key.zone_line())
+    elif cmd == "dns-records":
+        from postroom.mailflow.dns_records import records_for
+
+        print(records_for(args.domain, node.settings))
+    return 0
+
+
+async def manage_queue(args: argparse.Namespace, node: Postroom) -> int:
+    from postroom.mailflow import queue_view
+
+    queue = node.queue
+    if args.action == "list":
         topics = [args.topic] if args.topic else [INCOMING, OUTGOING]
-        rows = []
-        for topic in topics:
-            for item in await node.queue.list(topic, limit=1000):
-                try:
-                    payload = json.loads(item.payload)
-                except ValueError:
-                    payload = {}
-                rows.append({
-                    "topic": topic, "id": item.item_id, "attempts": item.attempts,
-                    "enqueued_at": item.enqueued_at, "next_attempt": item.not_before,
-                    "from": payload.get("mail_from", ""), "to": payload.get("rcpt_to", []),
-                    "last_error": item.last_error,
-                })
+        rows = [queue_view.describe(item) for topic in topics
+                for item in await queue.list(topic, limit=queue_view.LIST_LIMIT)]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             for row in rows:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["next_attempt"]))
-                print(f"{row['topic']:8} {row['id']} attempts={row['attempts']} next={when}Z "
-                      f"from=<{row['from']}> to={','.join(row['to'])} {row['last_error']}")
+                print(queue_view.format_line(row))
             print(f"{len(rows)} item(s)")
+        return 0
+    if args.action == "retry" and args.all:
+        items = await queue.list(OUTGOING, limit=queue_view.LIST_LIMIT)
+    else:
+        found = await queue_view.find(queue, args.id)
+        if found is None:
+            raise ServiceError(f"no queued item {args.id}")
+        items = [found]
+    for item in items:
+        if args.action == "show":
+            row = queue_view.describe(item)
+            print(json.dumps(row, indent=2) if args.json else queue_view.format_detail(row))
+        elif args.action == "retry":
+            await queue.retry(item, 0.0, item.last_error)
+            print(f"{item.item_id}: due now")
+        elif args.action == "delete":
+            if not await queue.remove(item.topic, item.item_id):
+                raise ServiceError(f"no queued item {item.item_id}")
+            print(f"{item.item_id}: deleted")
+    if args.action == "retry" and args.all:
+        print(f"{len(items)} item(s) due now")
     return 0
 
 

@@ -11,10 +11,15 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 
 class ConfigError(ValueError):
@@ -113,6 +118,112 @@ class MailSettings(BaseModel):
     workers: int = 2
 
 
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from a number or a string with a unit: `90`, `30s`, `5m`, `4h`, `5d`."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        scale = units.get(text[-1:], 1.0) if text else 1.0
+        number = text[:-1] if text[-1:] in units else text
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            raise ValueError(f"invalid duration {value!r} (e.g. 30s, 5m, 4h, 5d)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"invalid duration {value!r}")
+    return seconds
+
+
+def _split_list(value: Any) -> Any:
+    """Lists from the environment may be JSON or plain comma-separated text."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class DnsSettings(BaseModel):
+    """Where outbound delivery looks up MX and address records."""
+
+    # Nameservers as HOST or HOST:PORT; empty uses the system resolver (/etc/resolv.conf).
+    servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    timeout: float = 10.0
+
+    _split = field_validator("servers", mode="before")(_split_list)
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, value: list[str]) -> list[str]:
+        for server in value:
+            parse_nameserver(server)
+        return value
+
+
+def parse_nameserver(server: str) -> tuple[str, int]:
+    """`HOST`, `HOST:PORT`, `[V6]:PORT` or a bare IPv6 address -> (host, port), port 53 default."""
+    if server.startswith("[") or server.count(":") == 1:
+        return parse_hostport(server)
+    if not server.strip():
+        raise ConfigError("empty nameserver address")
+    return server.strip(), 53
+
+
+class DeliverySettings(BaseModel):
+    """Outbound delivery: the workers that send the outgoing queue to the internet's MX hosts."""
+
+    port: int = Field(default=25, ge=1, le=65535)  # destination port (tests use another one)
+    workers: int = Field(default=4, ge=1)  # queue items in delivery at once
+    max_connections: int = Field(default=20, ge=1)  # SMTP connections, all destinations
+    connections_per_domain: int = Field(default=4, ge=1)
+    # Delay before each retry after a temporary failure; the last one repeats until max_age.
+    schedule: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0])
+    max_age: float = 5 * 86400.0  # then the message bounces (RFC 5321 §4.5.4.1: 4-5 days)
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes per command
+    data_timeout: float = 600.0  # RFC 5321 §4.5.3.2.6: 10 minutes for the final reply
+    idle_timeout: float = 30.0  # an idle connection is kept this long for the next message
+    tls: Literal["opportunistic", "none"] = "opportunistic"  # STARTTLS whenever offered
+    # A relay host (HOST:PORT) that replaces MX routing, with optional AUTH.
+    smarthost: str = ""
+    smarthost_tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [parse_duration(v) for v in value]
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("the delivery schedule needs at least one delay")
+        return value
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _max_age(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("smarthost")
+    @classmethod
+    def _check_smarthost(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="POSTROOM_",
@@ -131,6 +242,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     @classmethod
     def settings_customise_sources(

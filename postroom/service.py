@@ -792,6 +792,28 @@ class MailService:
                                    Flags(Flag.SEEN), None, None)
         return SendResult(sent, delivered, tuple(remote), queue_item)
 
+    async def deliver_report(
+        self, user_id: str, sender: str, report: bytes, delivery_key: str
+    ) -> MessageRecord | None:
+        """File a delivery status notification (a bounce) in the sender's INBOX.
+
+        The sender is the local user who submitted the message (`user_id`), else whoever
+        `sender` resolves to. None when neither is a local user: a report is never sent out,
+        so a bounce can never bounce. `delivery_key` makes a repeated call a no-op.
+        """
+        user = await self.metadata.get_user(user_id) if user_id else None
+        if user is None and sender:
+            user = await self.resolve_recipient(sender)
+        if user is None:
+            return None
+        inbox = await self.folder_by_role(user, FolderRole.INBOX)
+        try:
+            record, _ = await self._file(user, inbox, report, parse_message(report), Flags(),
+                                         None, f"{delivery_key}:{user.user_id}")
+        except Conflict:
+            return None  # filed before and since expunged by the user
+        return record
+
     # ------------------------------------------------------------------------------ internals
 
     async def _file(

@@ -31,6 +31,8 @@ class ServerProcess:
     http_port: int = field(default_factory=free_port)
     pop3_port: int = field(default_factory=free_port)
     pop3s_port: int = field(default_factory=free_port)
+    imap_port: int = field(default_factory=free_port)
+    imaps_port: int = field(default_factory=free_port)
     smtp_port: int = field(default_factory=free_port)
     submission_port: int = field(default_factory=free_port)
     submissions_port: int = field(default_factory=free_port)
@@ -45,6 +47,9 @@ class ServerProcess:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+        # Outbound delivery must never ask the machine's (non-loopback) resolver: unless a test
+        # brings its own DNS, lookups go to a closed loopback port and fail at once.
+        env["POSTROOM_DNS__SERVERS"] = "127.0.0.1:9"
         env.update(self.env)
         return env
 
@@ -66,6 +71,7 @@ class ServerProcess:
             [*postroom_cmd(), "--data-dir", str(self.data_dir), "serve",
              "--http", f"127.0.0.1:{self.http_port}", "--hostname", "mx.example.test",
              "--pop3", f"127.0.0.1:{self.pop3_port}", "--pop3s", f"127.0.0.1:{self.pop3s_port}",
+             "--imap", f"127.0.0.1:{self.imap_port}", "--imaps", f"127.0.0.1:{self.imaps_port}",
              "--smtp", f"127.0.0.1:{self.smtp_port}",
              "--submission", f"127.0.0.1:{self.submission_port}",
              "--submissions", f"127.0.0.1:{self.submissions_port}",
