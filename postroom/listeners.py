@@ -21,6 +21,11 @@ async def start_listeners(node: Postroom) -> list[asyncio.Server]:
         address = getattr(settings.listeners, name)
         if not address:
             continue
+        if name in ("imap", "imaps"):
+            from postroom.imap.server import start_imap
+
+            servers.append(await start_imap(node, address, implicit_tls=name == "imaps"))
+            continue
         if name in ("pop3", "pop3s"):
             from postroom.pop3.server import start_pop3
 
