@@ -96,7 +96,17 @@ def make_blobs(url: str) -> BlobStore:
 
         Path(parts.path).mkdir(parents=True, exist_ok=True)
         return FsBlobStore(parts.path)
-    raise ConfigError(f"unsupported blob store {url!r} (embedded: file:///DIR)")
+    if parts.scheme == "s3":
+        from postroom.store.s3_blobs import S3BlobStore
+
+        try:
+            return S3BlobStore.from_url(url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    raise ConfigError(
+        f"unsupported blob store {url!r}"
+        " (embedded: file:///DIR; scale-out: s3://BUCKET?endpoint=URL)"
+    )
 
 
 def make_queue(url: str) -> Queue:
@@ -104,7 +114,17 @@ def make_queue(url: str) -> Queue:
         from postroom.store.sqlite_queue import SqliteQueue
 
         return SqliteQueue(_sqlite_path(url))
-    raise ConfigError(f"unsupported queue {url!r} (embedded: sqlite:///PATH)")
+    if urlsplit(url).scheme in ("nats", "tls"):
+        from postroom.store.nats_queue import NatsQueue
+
+        try:
+            return NatsQueue.from_url(url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    raise ConfigError(
+        f"unsupported queue {url!r}"
+        " (embedded: sqlite:///PATH; scale-out: nats://HOST:PORT?stream_prefix=NAME)"
+    )
 
 
 def make_cache(url: str) -> Cache:
@@ -112,7 +132,17 @@ def make_cache(url: str) -> Cache:
         from postroom.store.memory_cache import LruCache
 
         return LruCache(_query_int(url, "max_entries", 10000))
-    raise ConfigError(f"unsupported cache {url!r} (embedded: memory://)")
+    if urlsplit(url).scheme in ("redis", "rediss", "unix"):
+        from postroom.store.redis_cache import RedisCache
+
+        try:
+            return RedisCache.from_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{url!r}: {exc}") from None
+    raise ConfigError(
+        f"unsupported cache {url!r}"
+        " (embedded: memory://; scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
+    )
 
 
 def make_events(url: str) -> EventBus:
@@ -120,7 +150,17 @@ def make_events(url: str) -> EventBus:
         from postroom.store.local_events import LocalEventBus
 
         return LocalEventBus()
-    raise ConfigError(f"unsupported event bus {url!r} (embedded: local://)")
+    if urlsplit(url).scheme in ("redis", "rediss", "unix"):
+        from postroom.store.redis_events import RedisEventBus
+
+        try:
+            return RedisEventBus.from_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{url!r}: {exc}") from None
+    raise ConfigError(
+        f"unsupported event bus {url!r}"
+        " (embedded: local://; scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
+    )
 
 
 class Postroom:

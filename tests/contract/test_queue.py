@@ -17,8 +17,9 @@ import pytest_asyncio
 
 from postroom.store.queue import INCOMING, OUTGOING, Queue, QueueItem
 from postroom.store.sqlite_queue import SqliteQueue
+from tests.engines import require_nats, unique_name
 
-IMPLEMENTATIONS = ["sqlite"]
+IMPLEMENTATIONS = ["sqlite", "nats"]
 
 LEASE = 0.2
 
@@ -31,7 +32,30 @@ def _factory(name: str, tmp_path: Path) -> Callable[[], Queue]:
         # A long poll interval proves that a waiting take is woken by put and by due times,
         # not by polling.
         return lambda: SqliteQueue(path, poll_interval=5.0)
+    if name == "nats":
+        from postroom.store.nats_queue import NatsQueue
+
+        url, prefix = require_nats(), unique_name("q")
+        return lambda: NatsQueue(url, stream_prefix=prefix)
     raise AssertionError(f"unknown queue {name}")
+
+
+async def _remove_streams(queue: Queue) -> None:
+    """Delete the JetStream streams a NATS-backed test made (their prefix is its own)."""
+    from postroom.store.nats_queue import NatsQueue
+
+    if not isinstance(queue, NatsQueue):
+        return
+    import nats
+
+    nc = await nats.connect(queue.servers)
+    try:
+        js = nc.jetstream()
+        for name in await js.streams_info():
+            if name.config.name and name.config.name.startswith(queue.prefix + "_"):
+                await js.delete_stream(name.config.name)
+    finally:
+        await nc.close()
 
 
 @pytest_asyncio.fixture(params=IMPLEMENTATIONS)
@@ -49,6 +73,8 @@ async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     yield make
     for queue in opened:
         await queue.close()
+    if opened:
+        await _remove_streams(opened[0])
 
 
 @pytest_asyncio.fixture
