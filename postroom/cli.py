@@ -20,7 +20,7 @@ from typing import Any
 
 from postroom import __version__
 from postroom.app import Postroom
-from postroom.config import ConfigError, Settings, load_settings, parse_hostport
+from postroom.config import ROLES, ConfigError, Settings, load_settings, parse_hostport, parse_roles
 from postroom.listeners import PROTOCOLS as LISTENER_FLAGS
 from postroom.service import ServiceError
 from postroom.store.queue import INCOMING, OUTGOING
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (HTTP API and workers)")
     serve.add_argument("--http", metavar="HOST:PORT", help="HTTP listener (default 127.0.0.1:8080)")
     serve.add_argument("--hostname", help="this server's host name (HELO, Message-IDs)")
+    serve.add_argument("--roles", metavar="ROLE,...",
+                       help=f"what this node runs: {','.join(ROLES)} (default: all)")
     for name in LISTENER_FLAGS:
         serve.add_argument(f"--{name}", metavar="HOST:PORT", help=f"{name.upper()} listener")
 
@@ -121,6 +123,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.command == "serve":
         overrides["http.listen"] = args.http
         overrides["hostname"] = args.hostname
+        overrides["roles"] = args.roles
         for name in LISTENER_FLAGS:
             overrides[f"listeners.{name}"] = getattr(args, name)
     return load_settings(args.config, **overrides)
@@ -243,39 +246,52 @@ async def serve(settings: Settings) -> int:
     from postroom.http.server import HttpServer
     from postroom.listeners import start_listeners
 
+    roles = parse_roles(settings.roles)
     host, port = parse_hostport(settings.http.listen)
-    # Bind here, not inside uvicorn, so a taken port is a clear error before we serve.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
+    sock: socket.socket | None = None
+    if "http" in roles:
+        # Bind here, not inside uvicorn, so a taken port is a clear error before we serve.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     async with Postroom(settings) as node:
-        await node.start_workers()
-        listeners = await start_listeners(node)
-        app = create_app(node.service, settings.http.max_request_bytes)
-        config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
-                                lifespan="off", access_log=False, server_header=False)
-        server = HttpServer(config)
-        http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
-        log.info("postroom %s serving HTTP on http://%s:%d (data in %s)", __version__, host, port,
-                 settings.data_dir.resolve())
+        if "workers" in roles:
+            await node.start_workers()
+        listeners = await start_listeners(node, roles)
         stop_task = asyncio.create_task(stop.wait())
-        await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
+        server: HttpServer | None = None
+        http_task: asyncio.Task[None] | None = None
+        if sock is not None:
+            app = create_app(node.service, settings.http.max_request_bytes)
+            config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
+                                    lifespan="off", access_log=False, server_header=False)
+            server = HttpServer(config)
+            http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+            log.info("postroom %s serving HTTP on http://%s:%d (data in %s)", __version__, host,
+                     port, settings.data_dir.resolve())
+        log.info("postroom %s roles: %s", __version__,
+                 ",".join(role for role in ROLES if role in roles))
+        await asyncio.wait({stop_task} | ({http_task} if http_task else set()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if server is not None:
+            server.should_exit = True
         stop_task.cancel()
         for listener in listeners:
             listener.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await http_task
+        if http_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await http_task
         for listener in listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 5)

@@ -224,6 +224,22 @@ class DeliverySettings(BaseModel):
         return value
 
 
+# What one `postroom serve` node runs, so front ends and workers scale separately.
+ROLES = ("smtp", "submission", "imap", "pop3", "http", "workers")
+
+
+def parse_roles(value: str) -> frozenset[str]:
+    """`all` (the default) or a comma-separated list of ROLES."""
+    names = {part.strip().lower() for part in value.split(",") if part.strip()}
+    if not names or names == {"all"}:
+        return frozenset(ROLES)
+    unknown = names - set(ROLES)
+    if unknown:
+        raise ConfigError(f"unknown role(s) {', '.join(sorted(unknown))}; "
+                          f"choose from {', '.join(ROLES)} or all")
+    return frozenset(names)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="POSTROOM_",
@@ -234,6 +250,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./postroom-data")
     hostname: str = Field(default_factory=socket.getfqdn)
     log_level: str = "info"
+    roles: str = "all"  # see ROLES; `postroom serve --roles smtp,workers`
     storage: StorageSettings = Field(default_factory=StorageSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     listeners: ListenerSettings = Field(default_factory=ListenerSettings)

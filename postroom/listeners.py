@@ -12,14 +12,20 @@ from postroom.app import Postroom
 from postroom.config import ConfigError
 
 PROTOCOLS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+# The node role (`postroom serve --roles`, config.ROLES) each listener belongs to.
+LISTENER_ROLE = {"smtp": "smtp", "submission": "submission", "submissions": "submission",
+                 "imap": "imap", "imaps": "imap", "pop3": "pop3", "pop3s": "pop3"}
 
 
-async def start_listeners(node: Postroom) -> list[asyncio.Server]:
+async def start_listeners(
+    node: Postroom, roles: frozenset[str] | None = None
+) -> list[asyncio.Server]:
+    """Start the configured listeners of the given roles (all when None)."""
     settings = node.settings
     servers: list[asyncio.Server] = []
     for name in PROTOCOLS:
         address = getattr(settings.listeners, name)
-        if not address:
+        if not address or (roles is not None and LISTENER_ROLE[name] not in roles):
             continue
         if name in ("imap", "imaps"):
             from postroom.imap.server import start_imap
