@@ -93,7 +93,6 @@ _DUE_SLACK = 0.005
 _ERR_PER_SUBJECT_FULL = 10077  # maximum messages per subject exceeded: the id is queued
 _ERR_WRONG_LAST_SEQ = 10071  # compare-and-set lost
 _ERR_STREAM_NAME_IN_USE = 10058
-_ERR_CONSUMER_EXISTS = 10148
 
 
 def item_token(item_id: str) -> str:
@@ -203,7 +202,8 @@ class NatsQueue:
             log.warning("NATS queue connection: %r", exc)
 
         async def on_disconnect() -> None:
-            log.warning("NATS queue: disconnected; reconnecting")
+            if self._nc is not None:  # not our own close()
+                log.warning("NATS queue: disconnected; reconnecting")
 
         with _engine_errors("connect"):
             nc = await nats.connect(
@@ -497,10 +497,14 @@ class NatsQueue:
             try:
                 await self._jetstream().add_consumer(stream, config)
             except nats.js.errors.APIError as exc:
-                if exc.err_code != _ERR_CONSUMER_EXISTS:
-                    raise
-                log.warning("NATS queue: consumer %s on %s exists with another configuration",
-                            CONSUMER, stream)
+                # Made by another node, or by an earlier version with other settings: use it as
+                # it is rather than refuse mail (an operator changes it with the nats CLI).
+                try:
+                    await self._jetstream().consumer_info(stream, CONSUMER)
+                except nats.js.errors.NotFoundError:
+                    raise exc from None
+                log.warning("NATS queue: consumer %s on %s exists with another configuration "
+                            "(%s)", CONSUMER, stream, exc.description)
             self._ready.add(topic)
 
     async def _add_stream(self, config: StreamConfig) -> None:
@@ -508,9 +512,9 @@ class NatsQueue:
         try:
             await js.add_stream(config)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+            if exc.err_code != _ERR_STREAM_NAME_IN_USE or not config.name:
                 raise
-            # Made by another node or an earlier version with other limits: use it as it is.
+            # Made by an earlier version with other limits: use it as it is.
             log.warning("NATS queue: stream %s exists with another configuration", config.name)
 
     def _client(self) -> Client:

@@ -323,3 +323,25 @@ async def test_list_size_remove(queue: Queue) -> None:
     assert await queue.size(INCOMING) == 3
     await queue.ack(taken)  # acking a removed item is harmless
     assert [i.item_id for i in await queue.list(INCOMING)] == ["l1", "l2", "l4"]
+
+
+async def test_nats_nodes_with_other_settings_share_the_queue() -> None:
+    """A node configured with another ack_wait (an upgrade, a typo) still uses the existing
+    stream and consumer instead of refusing mail."""
+    from postroom.store.nats_queue import NatsQueue
+
+    url, prefix = require_nats(), unique_name("q")
+    first, second = NatsQueue(url, stream_prefix=prefix), NatsQueue(url, stream_prefix=prefix,
+                                                                     ack_wait=7.0)
+    await first.open()
+    await second.open()
+    try:
+        await first.put(INCOMING, b"x", item_id="shared")
+        item = await _take(second)
+        assert item.item_id == "shared"
+        await second.ack(item)
+        assert await first.size(INCOMING) == 0
+    finally:
+        await first.close()
+        await second.close()
+        await _remove_streams(first)
