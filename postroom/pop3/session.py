@@ -120,17 +120,17 @@ class Pop3Session:
             await self.reply(f"+OK {self.service.hostname} Postroom POP3 server ready")
             while not self.closing:
                 try:
-                    line = await asyncio.wait_for(self.read_line(), self.idle_timeout)
-                except TimeoutError:
-                    # RFC 1939 §3: the autologout timer ends the session without UPDATE.
-                    await self.reply("-ERR autologout: idle for too long")
-                    break
+                    line = await self.next_line()
                 except LineTooLong:
                     await self.reply(f"-ERR line too long (at most {MAX_LINE} octets)")
                     continue
                 if line is None:
                     break
                 await self.dispatch(line)
+        except TimeoutError:
+            # RFC 1939 §3: the autologout timer ends the session without UPDATE.
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await self.reply("-ERR autologout: idle for too long")
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             log.debug("pop3 connection from %s ended: %r", self.peer_ip, exc)
         finally:
@@ -138,6 +138,10 @@ class Pop3Session:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+    async def next_line(self) -> bytes | None:
+        """The next line, within the autologout time (TimeoutError otherwise)."""
+        return await asyncio.wait_for(self.read_line(), self.idle_timeout)
 
     async def read_line(self) -> bytes | None:
         """The next line without its CRLF (or bare LF); None at end of stream."""
@@ -193,8 +197,10 @@ class Pop3Session:
             self.pending_user = None
         try:
             await method(self, command)
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError):
             raise
+        except LineTooLong:
+            await self.reply(f"-ERR line too long (at most {MAX_LINE} octets)")
         except Exception:
             log.exception("pop3 %s failed", command.keyword)
             await self.reply("-ERR [SYS/TEMP] internal error; try again")
@@ -287,7 +293,7 @@ class Pop3Session:
                 response = ""
         else:
             await self.reply("+ ")
-            line = await self.read_line()
+            line = await self.next_line()
             if line is None:
                 self.closing = True
                 return

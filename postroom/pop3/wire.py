@@ -112,5 +112,6 @@ def parse_command(line: bytes) -> Command:
     if not keyword:
         raise CommandError("empty command")
     if not keyword.isascii() or not keyword.isalpha() or len(keyword) > 4:
-        raise CommandError(f"unknown command {keyword[:20]!r}")
+        shown = keyword[:20] if keyword.isascii() else ascii(keyword[:20])
+        raise CommandError(f"unknown command {shown}")
     return Command(keyword.upper(), tuple(rest.split()), rest)

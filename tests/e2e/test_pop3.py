@@ -10,6 +10,7 @@ import base64
 import json
 import poplib
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.e2e.server import ServerProcess
@@ -78,14 +80,16 @@ def user(name: str) -> str:
     return f"{name}@example.test"
 
 
-USERS = ["basic", "top", "dele", "drop", "inuse", "tls", "sasl", "errors", "curl", "api"]
-MESSAGES = {name: [sample(i, f"{name} message {i}") for i in range(1, 4)] for name in USERS}
+USERS = ["basic", "top", "dele", "drop", "inuse", "tls", "sasl", "errors", "curl", "api",
+         "smtp"]
+MESSAGES = {name: [sample(i, f"{name} message {i}") for i in range(1, 4)]
+            for name in USERS if name != "smtp"}  # smtp gets its mail over SMTP
 
 
 @pytest.fixture(scope="module")
 def pop(server: ServerProcess) -> Iterator[ServerProcess]:
     load_mail(server, [user(u) for u in USERS],
-              [(user(u), raw) for u in USERS for raw in MESSAGES[u]])
+              [(user(u), raw) for u, raws in MESSAGES.items() for raw in raws])
     yield server
 
 
@@ -434,3 +438,27 @@ def test_curl(pop: ServerProcess) -> None:
     # Over STLS too, with curl's own TLS.
     assert curl(pop, "--ssl-reqd", "-k", f"{url}/3") == stored[2]
     assert curl(pop, "-k", f"pop3s://127.0.0.1:{pop.pop3s_port}/1") == stored[0]
+
+
+def test_mail_received_over_smtp_comes_back_exactly(pop: ServerProcess) -> None:
+    sent = crlf(b"From: Carol <carol@remote.test>\nTo: smtp@example.test\n"
+                b"Subject: over SMTP and back\nMessage-ID: <smtp-and-back@remote.test>\n\n"
+                b".leading dot\n..two\n.\n\n" + b"x" * 990 + b"\n  trailing space  \nend\n")
+    with smtplib.SMTP("127.0.0.1", pop.smtp_port, timeout=10) as smtp:
+        assert smtp.sendmail("carol@remote.test", [user("smtp")], sent) == {}
+    deadline = time.monotonic() + 20
+    while True:  # the incoming worker delivers in the background
+        conn = login(pop, "smtp")
+        if conn.stat()[0] or time.monotonic() > deadline:
+            break
+        conn.quit()
+        time.sleep(0.1)
+    assert conn.stat()[0] == 1
+    got = retr(conn, 1)
+    uid = conn.uidl(1).split()[2].decode()
+    conn.quit()
+    with httpx.Client(base_url=pop.base_url, auth=(user("smtp"), PASSWORD), timeout=30) as api:
+        stored = api.get(f"/v1/messages/{uid}/raw")
+    assert stored.status_code == 200, stored.text
+    assert got == stored.content  # exactly the bytes received, trace fields included
+    assert got.endswith(b"\r\n" + sent) and got.startswith(b"Return-Path: <carol@remote.test>")
