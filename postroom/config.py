@@ -106,6 +106,17 @@ class SmtpSettings(BaseModel):
     data_timeout: float = 600.0
 
 
+class ImapSettings(BaseModel):
+    """Limits of the IMAP listeners; each refusal has its own reply (APPENDLIMIT is
+    mail.max_message_bytes)."""
+
+    max_line_length: int = 65536  # octets per command line, literals apart
+    commands_per_second: int = 2000  # per connection; more gets NO [LIMIT]
+    idle_timeout: float = 1800.0  # RFC 3501 §5.4: at least 30 minutes; IDLE is exempt
+    connections_per_user: int = 50
+    max_connections: int = 20000
+
+
 class Pop3Settings(BaseModel):
     # What DELE does at QUIT: "expunge" (gone for good, as POP3 users expect) or "trash".
     delete_action: Literal["expunge", "trash"] = "expunge"
@@ -258,6 +269,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     pop3: Pop3Settings = Field(default_factory=Pop3Settings)
+    imap: ImapSettings = Field(default_factory=ImapSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     dns: DnsSettings = Field(default_factory=DnsSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
