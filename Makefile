@@ -16,7 +16,7 @@ run: setup
 	$(BIN)/postroom serve
 
 lint: setup
-	$(BIN)/ruff check postroom tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 test: lint

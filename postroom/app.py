@@ -17,6 +17,7 @@ from postroom.store.events import EventBus
 from postroom.store.metadata import MetadataStore
 from postroom.store.migrations import MigrationOutcome
 from postroom.store.queue import Queue
+from postroom.store.search import SearchIndex
 
 if TYPE_CHECKING:
     from postroom.mailflow.outgoing import OutboundDelivery
@@ -145,6 +146,14 @@ def make_cache(url: str) -> Cache:
     )
 
 
+def make_search(url: str) -> SearchIndex:
+    if urlsplit(url).scheme == "sqlite":
+        from postroom.store.sqlite_search import SqliteSearchIndex
+
+        return SqliteSearchIndex(_sqlite_path(url))
+    raise ConfigError(f"unsupported search index {url!r} (embedded: sqlite:///PATH)")
+
+
 def make_events(url: str) -> EventBus:
     if urlsplit(url).scheme == "local":
         from postroom.store.local_events import LocalEventBus
@@ -174,6 +183,7 @@ class Postroom:
         self.queue = make_queue(settings.storage_url("queue"))
         self.cache = make_cache(settings.storage_url("cache"))
         self.events = make_events(settings.storage_url("events"))
+        self.search = make_search(settings.storage_url("search"))
         self.service = MailService(
             metadata=self.metadata,
             blobs=self.blobs,
@@ -184,13 +194,15 @@ class Postroom:
             token_ttl=settings.http.token_ttl,
             max_message_bytes=settings.mail.max_message_bytes,
         )
+        self.service.use_search_index(self.search)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._opened: list[Any] = []
         self.delivery: OutboundDelivery | None = None
 
     async def open(self) -> None:
-        for backend in (self.metadata, self.blobs, self.queue, self.cache, self.events):
+        for backend in (self.metadata, self.blobs, self.queue, self.cache, self.events,
+                        self.search):
             await backend.open()
             self._opened.append(backend)
 

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only show the schema version and the steps still to apply")
     migrate.add_argument("--to", type=int, metavar="VERSION",
                          help="apply the steps up to VERSION only")
+    from postroom.search.cli import add_parser as add_search_parser
+
+    add_search_parser(sub)
     return parser
 
 
@@ -184,6 +187,10 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
                 print(f"{a.alias} -> {a.target}")
     elif cmd == "queue":
         return await manage_queue(args, node)
+    elif cmd in ("import", "search"):
+        from postroom.search.cli import run as run_search_command
+
+        return await run_search_command(args, service)
     elif cmd == "dkim":
         from postroom.mailflow.dkim import DkimError, DkimKeys
 

@@ -51,6 +51,9 @@ from postroom.core.models import (
     normalize_folder_name,
 )
 from postroom.core.threads import thread_refs
+from postroom.search.engine import SearchPage, narrow_candidates, run_search
+from postroom.search.indexer import Indexer
+from postroom.search.query import QuerySyntaxError
 from postroom.store.blobs import BlobStore
 from postroom.store.cache import Cache
 from postroom.store.errors import Conflict, NotFound
@@ -65,6 +68,7 @@ from postroom.store.events import (
 )
 from postroom.store.metadata import Expunged, ListCursor, MetadataStore, Token
 from postroom.store.queue import INCOMING, OUTGOING, Queue
+from postroom.store.search import Criterion, SearchIndex
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,16 @@ class ConflictError(ServiceError):
 
 class InvalidInput(ServiceError):
     code = "invalid_input"
+
+
+class BadQuery(InvalidInput):
+    """A malformed search query; `position` is the 0-based offset of the fault."""
+
+    code = "bad_query"
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
 
 
 class AuthFailed(ServiceError):
@@ -228,6 +242,9 @@ class MailService:
         self.max_message_bytes = max_message_bytes
         self.hasher = PasswordHasher()
         self.throttle = AuthThrottle()
+        # set by the app (use_search_index) when a search index is configured
+        self.search_index: SearchIndex | None = None
+        self.indexer: Indexer | None = None
         # Verified (address, password) pairs, keyed by an HMAC under a per-process secret:
         # argon2 costs ~100 ms by design, far too much to pay on every API request.
         self._auth_secret = os.urandom(32)
@@ -285,6 +302,8 @@ class MailService:
     async def remove_user(self, address: str) -> None:
         user = await self._user_by_address(address)
         await self.metadata.delete_user(user.user_id)
+        if self.indexer is not None:
+            await self.indexer.user_removed(user.user_id)
         await self.cache.delete_prefix(self._cache_prefix(user.user_id))
 
     async def list_users(self, domain: str | None = None) -> list[User]:
@@ -471,10 +490,12 @@ class MailService:
         if current.role is not None:
             raise InvalidInput(f"{current.name} is a special-use folder and cannot be deleted")
         try:
-            await self.metadata.delete_folder(user.user_id, current.folder_id)
+            gone = await self.metadata.delete_folder(user.user_id, current.folder_id)
         except Conflict:
             raise ConflictError(f"{current.name} has subfolders; delete them first") from None
         await self._changed(user.user_id)
+        if self.indexer is not None:
+            await self.indexer.removed(user.user_id, [g.message_id for g in gone])
         await self._publish(Event(FOLDER_CHANGED, user.user_id, current.folder_id,
                                   data={"name": current.name, "change": "deleted"}))
 
@@ -580,6 +601,8 @@ class MailService:
         )
         if changed:
             await self._changed(user.user_id)
+            if self.indexer is not None:
+                await self.indexer.changed(changed)
         for record in changed:
             await self._publish(Event(MESSAGE_FLAGS, user.user_id, record.folder_id, record.uid,
                                       record.modseq, record.message_id,
@@ -593,6 +616,8 @@ class MailService:
         moved = await self.metadata.move_messages(user.user_id, message_ids, target.folder_id)
         if moved:
             await self._changed(user.user_id)
+            if self.indexer is not None:
+                await self.indexer.changed([new for _, new in moved])
         for old, new in moved:
             await self._publish(Event(MESSAGE_MOVED, user.user_id, new.folder_id, new.uid,
                                       new.modseq, new.message_id,
@@ -606,6 +631,8 @@ class MailService:
         copies = await self.metadata.copy_messages(user.user_id, message_ids, target.folder_id)
         if copies:
             await self._changed(user.user_id)
+            if self.indexer is not None:
+                await self.indexer.copied(copies)
         for record in copies:
             await self._publish(self._new_event(record))
         return copies
@@ -624,6 +651,8 @@ class MailService:
         removed = await self.metadata.expunge(user.user_id, message_ids)
         if removed:
             await self._changed(user.user_id)
+            if self.indexer is not None:
+                await self.indexer.removed(user.user_id, [g.message_id for g in removed])
         for gone in removed:
             await self._publish(Event(MESSAGE_DELETED, user.user_id, gone.folder_id, gone.uid,
                                       gone.modseq, gone.message_id))
@@ -647,6 +676,28 @@ class MailService:
         record, _ = await self._file(user, target, raw, parse_message(raw), parsed_flags,
                                      internal_date, None)
         return record
+
+    # -------------------------------------------------------------------------------- search
+
+    def use_search_index(self, index: SearchIndex) -> None:
+        self.search_index = index
+        self.indexer = Indexer(index, self.blobs)
+
+    async def search(self, user: User, query: str, *, sort: str = "date", limit: int = 50,
+                     cursor: str | None = None) -> SearchPage:
+        """The user's messages matching a query (postroom.search.query), newest first or
+        most relevant first, each with a highlighted snippet; BadQuery when malformed."""
+        try:
+            return await run_search(self, user, query, sort=sort, limit=limit, cursor=cursor)
+        except QuerySyntaxError as exc:
+            raise BadQuery(str(exc), exc.position) from None
+
+    async def search_candidates(self, user: User, folder_id: str, criterion: Criterion,
+                                message_ids: Sequence[str]) -> set[str]:
+        """Those of `message_ids` (records of the folder) that may satisfy an IMAP SEARCH
+        text criterion: IMAP then checks only these, with RFC 3501 semantics."""
+        return await narrow_candidates(self.search_index, user, folder_id, criterion,
+                                       message_ids)
 
     # ------------------------------------------------------------------------------ delivery
 
@@ -844,6 +895,8 @@ class MailService:
             raise NotFoundError("no such folder") from None
         if created:
             await self._changed(user.user_id)
+            if self.indexer is not None:  # searchable before anyone hears of it
+                await self.indexer.added(record, raw, parsed)
             await self._publish(self._new_event(record))
         return record, created
 

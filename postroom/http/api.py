@@ -193,6 +193,10 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
         await service.delete_folder(user, folder_id)
         return Response(status_code=204)
 
+    from postroom.http.search_api import add_search_routes
+
+    add_search_routes(app, service)
+
     @app.get("/v1/folders/{folder_id}/messages", response_model=MessagePage, tags=["messages"],
              response_model_by_alias=True)
     async def list_messages(

@@ -47,6 +47,7 @@ from postroom.imap.search import (
     parse_program,
     sequence_text,
 )
+from postroom.search.imap import criterion as index_criterion
 from postroom.service import (
     AuthFailed,
     ConflictError,
@@ -1092,6 +1093,12 @@ class ImapSession:
         matched: list[int] = []
         if not program.key.needs_content:
             return [c.record.uid for c in candidates if program.key.match(c, ctx)]
+        # The search index narrows text keys to the records that may match; the exact
+        # RFC 3501 check below then reads only those.
+        possible = await self.service.search_candidates(
+            user, selected.folder.folder_id, index_criterion(program.key),
+            [c.record.message_id for c in candidates])
+        candidates = [c for c in candidates if c.record.message_id in possible]
         sem = asyncio.Semaphore(_CONTENT_READS)
 
         async def load(c: Candidate) -> None:

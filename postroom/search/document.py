@@ -1,0 +1,68 @@
+"""The index document of a message: its words for queries, and the exact texts IMAP searches.
+
+The IMAP texts are built by the IMAP server's own SEARCH code (`postroom.imap.search.Candidate`)
+from the same MIME structure, so what the index narrows with can never drift from what IMAP
+then checks: a substring IMAP would find is always in the indexed text.
+"""
+
+from __future__ import annotations
+
+from postroom.core.message import ParsedMessage, html_to_text
+from postroom.core.models import Flags, HeaderSummary, MessageRecord
+from postroom.imap import mime
+from postroom.imap.search import Candidate
+from postroom.store.search import (
+    MAX_BODY_WORDS_TEXT,
+    MAX_IMAP_TEXT,
+    DocState,
+    IndexDocument,
+)
+
+
+def doc_state(record: MessageRecord) -> DocState:
+    return DocState(record.message_id, record.folder_id, record.uid, int(record.flags.system),
+                    record.flags.keywords, record.internal_date, record.size)
+
+
+def body_words(parsed: ParsedMessage) -> str:
+    """The readable body: the plain text part, or the HTML part with its tags stripped."""
+    text = parsed.text if parsed.text.strip() else html_to_text(parsed.html[:MAX_BODY_WORDS_TEXT])
+    return text[:MAX_BODY_WORDS_TEXT]
+
+
+def imap_texts(raw: bytes) -> tuple[str, str]:
+    """(all header fields, body) exactly as IMAP SEARCH compares them, casefolded."""
+    candidate = Candidate(0, _NO_RECORD, False, raw=raw, part=mime.parse(raw))
+    return candidate.all_headers(), candidate.body_text()
+
+
+def build_document(record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> IndexDocument:
+    h = parsed.headers
+    headers, body = imap_texts(raw)
+    partial = len(headers) > MAX_IMAP_TEXT or len(body) > MAX_IMAP_TEXT
+    return IndexDocument(
+        user_id=record.user_id,
+        state=doc_state(record),
+        blob_hash=record.blob_hash,
+        has_attachments=record.has_attachments,
+        from_=h.from_,
+        to=h.to,
+        cc=h.cc,
+        bcc=h.bcc,
+        subject=h.subject,
+        body=body_words(parsed),
+        filenames=" ".join(a.filename for a in parsed.attachments if a.filename),
+        imap_headers=headers[:MAX_IMAP_TEXT],
+        imap_body=body[:MAX_IMAP_TEXT],
+        partial=partial,
+    )
+
+
+# Candidate wants a record; the texts never look at it.
+_NO_RECORD = MessageRecord(
+    user_id="", message_id="", folder_id="", uid=0, modseq=0,
+    flags=Flags(),
+    internal_date=0.0, size=0, blob_hash="",
+    headers=HeaderSummary(),
+    snippet="", has_attachments=False, thread_id="",
+)

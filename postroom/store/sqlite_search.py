@@ -1,0 +1,512 @@
+"""The embedded search index: SQLite FTS5 in its own file, beside the metadata.
+
+Two full-text tables share the document ids of `docs` (one row per message record, with its
+folder, flags, date and size, so a query never needs the metadata store):
+
+- `words` (unicode61, diacritics removed): header fields, body text and attachment names as
+  words, for the query language and bm25 relevance; its stored body feeds the snippets.
+- `grams` (trigram): the exact casefolded texts IMAP SEARCH compares against, so a substring
+  key becomes a trigram phrase query that narrows the candidates (RFC 3501 substring semantics
+  are then checked by IMAP itself).
+
+Scoping by user is structural: each user gets a number `n` and every document id of theirs lies
+in [n << 32, (n + 1) << 32), so every full-text query carries `rowid BETWEEN` on the user's
+range (FTS5 seeks within its doclists) as well as `docs.user_id = ?`.
+
+Concurrency follows the metadata store: one writer thread runs each whole transaction, readers
+use their own connections (WAL), and other processes (`postroom search reindex`) may write the
+same file: every write is a short `BEGIN IMMEDIATE` transaction that waits on busy_timeout.
+The index can always be rebuilt from the mail, so commits do not fsync (synchronous=NORMAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from postroom.store.search import (
+    MAX_IMAP_TEXT,
+    AllOf,
+    And,
+    AnyOf,
+    Contains,
+    Criterion,
+    DateRange,
+    DocState,
+    Filter,
+    HasAttachment,
+    HasFlag,
+    Hit,
+    IndexDocument,
+    InFolders,
+    Narrowed,
+    Not,
+    Or,
+    SizeRange,
+    Sort,
+    Words,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 30_000
+READER_THREADS = 2
+_USER_BITS = 32
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS search_users (
+    user_id TEXT PRIMARY KEY,
+    n INTEGER NOT NULL UNIQUE,
+    next_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS docs (
+    id INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    folder_id TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    sysflags INTEGER NOT NULL,
+    keywords TEXT NOT NULL,
+    internal_date REAL NOT NULL,
+    size INTEGER NOT NULL,
+    blob_hash TEXT NOT NULL,
+    has_attachments INTEGER NOT NULL,
+    partial INTEGER NOT NULL,
+    UNIQUE (user_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS docs_by_date ON docs (user_id, internal_date, message_id);
+CREATE INDEX IF NOT EXISTS docs_by_folder ON docs (user_id, folder_id);
+CREATE INDEX IF NOT EXISTS docs_by_blob ON docs (user_id, blob_hash);
+CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5(
+    f_from, f_to, f_cc, f_bcc, f_subject, f_body, f_filename,
+    tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5(headers, body, tokenize = 'trigram');
+"""
+
+_COLUMN = {"from": "f_from", "to": "f_to", "cc": "f_cc", "bcc": "f_bcc",
+           "subject": "f_subject", "body": "f_body", "filename": "f_filename"}
+# bm25 weights in column order: a word in the subject or sender says more than one in a body
+_BM25 = "bm25(words, 4.0, 1.5, 1.0, 1.0, 6.0, 1.0, 2.0)"
+_WORD_CHAR = re.compile(r"[^\W_]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LINE_BREAK = re.compile(r"[\r\n]+")
+
+
+def _text(value: str) -> str:
+    """Text SQLite can store: lone surrogates (from undecodable bytes) become U+FFFD."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _words_expr(node: Words) -> str | None:
+    """An FTS5 phrase for the words (None when the text has no word characters at all)."""
+    if not _WORD_CHAR.search(node.text):
+        return None
+    phrase = _quote(node.text)
+    return f"{_COLUMN[node.field]} : {phrase}" if node.field else phrase
+
+
+def _fts(node: Filter) -> str | None:
+    """One FTS5 expression for a purely textual subtree, else None."""
+    if isinstance(node, Words):
+        return _words_expr(node)
+    if isinstance(node, And):
+        pos: list[str] = []
+        neg: list[str] = []
+        for child in node.children:
+            inner = child.child if isinstance(child, Not) else child
+            expr = _fts(inner)
+            if expr is None:
+                return None
+            (neg if isinstance(child, Not) else pos).append(expr)
+        if not pos:
+            return None
+        return "(" + " AND ".join(f"({p})" for p in pos) + ")" + "".join(
+            f" NOT ({n})" for n in neg)
+    if isinstance(node, Or):
+        exprs = [_fts(child) for child in node.children]
+        if not exprs or any(e is None for e in exprs):
+            return None
+        return "(" + " OR ".join(f"({e})" for e in exprs) + ")"
+    return None
+
+
+class _Compiler:
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.params: list[object] = []
+
+    def sql(self, node: Filter) -> str:
+        expr = _fts(node)
+        if expr is not None:
+            self.params += [expr, self.lo, self.hi]
+            return "d.id IN (SELECT rowid FROM words WHERE words MATCH ? AND rowid BETWEEN ? AND ?)"
+        if isinstance(node, Words):
+            return "0"  # no word characters: nothing can contain it as a word
+        if isinstance(node, HasFlag):
+            self.params.append(int(node.flag))
+            return "(d.sysflags & ?) != 0"
+        if isinstance(node, InFolders):
+            if not node.folder_ids:
+                return "0"
+            self.params += list(node.folder_ids)
+            return f"d.folder_id IN ({','.join('?' * len(node.folder_ids))})"
+        if isinstance(node, DateRange):
+            parts = []
+            if node.since is not None:
+                parts.append("d.internal_date >= ?")
+                self.params.append(node.since)
+            if node.until is not None:
+                parts.append("d.internal_date < ?")
+                self.params.append(node.until)
+            return "(" + " AND ".join(parts) + ")" if parts else "1"
+        if isinstance(node, SizeRange):
+            parts = []
+            if node.larger is not None:
+                parts.append("d.size > ?")
+                self.params.append(node.larger)
+            if node.smaller is not None:
+                parts.append("d.size < ?")
+                self.params.append(node.smaller)
+            return "(" + " AND ".join(parts) + ")" if parts else "1"
+        if isinstance(node, HasAttachment):
+            return "d.has_attachments = 1"
+        if isinstance(node, And):
+            if not node.children:
+                return "1"
+            return "(" + " AND ".join(self.sql(c) for c in node.children) + ")"
+        if isinstance(node, Or):
+            if not node.children:
+                return "0"
+            return "(" + " OR ".join(self.sql(c) for c in node.children) + ")"
+        if isinstance(node, Not):
+            return f"NOT {self.sql(node.child)}"
+        raise TypeError(f"not a search filter: {node!r}")
+
+    def criterion(self, node: Criterion) -> str | None:
+        """SQL that is true for every document that may satisfy `node`; None: all may."""
+        if isinstance(node, Contains):
+            pieces = [p for p in _LINE_BREAK.split(node.needle) if len(p) >= 3]
+            if not pieces:
+                return None  # under three characters: a trigram cannot narrow it
+            columns = ("headers", "body") if node.where == "text" else (node.where,)
+            expr = " OR ".join(
+                "(" + " AND ".join(f"{col} : {_quote(_text(p))}" for p in pieces) + ")"
+                for col in columns)
+            self.params += [expr, self.lo, self.hi]
+            return ("(d.partial = 1 OR d.id IN (SELECT rowid FROM grams WHERE grams MATCH ?"
+                    " AND rowid BETWEEN ? AND ?))")
+        if isinstance(node, AllOf):
+            parts = [p for p in (self.criterion(c) for c in node.children) if p is not None]
+            return "(" + " AND ".join(parts) + ")" if parts else None
+        if isinstance(node, AnyOf):
+            mark = len(self.params)
+            out: list[str] = []
+            for child in node.children:
+                part = self.criterion(child)
+                if part is None:
+                    del self.params[mark:]
+                    return None
+                out.append(part)
+            return "(" + " OR ".join(out) + ")" if out else "0"
+        raise TypeError(f"not a search criterion: {node!r}")
+
+
+class SqliteSearchIndex:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="search-writer")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="search-reader")
+        self._local = threading.local()
+        self._write_conn: sqlite3.Connection | None = None
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    # ---- plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._write_conn
+            assert conn is not None, "search index not open"
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._reader()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    async def open(self) -> None:
+        def setup() -> None:
+            conn = self._connect()
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            self._write_conn = conn
+
+        await asyncio.get_running_loop().run_in_executor(self._writer, setup)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            with self._lock:
+                for conn in self._conns:
+                    conn.close()
+                self._conns.clear()
+            self._write_conn = None
+
+        self._readers.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._writer, shut)
+        self._writer.shutdown(wait=True)
+
+    # ---- ids
+
+    @staticmethod
+    def _range_of(n: int) -> tuple[int, int]:
+        return n << _USER_BITS, ((n + 1) << _USER_BITS) - 1
+
+    @staticmethod
+    def _user_n(conn: sqlite3.Connection, user_id: str) -> int | None:
+        row = conn.execute("SELECT n FROM search_users WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0]) if row else None
+
+    @staticmethod
+    def _new_id(conn: sqlite3.Connection, user_id: str) -> int:
+        row = conn.execute(
+            "UPDATE search_users SET next_seq = next_seq + 1 WHERE user_id = ? "
+            "RETURNING n, next_seq - 1", (user_id,)).fetchone()
+        if row is None:
+            row = conn.execute(
+                "INSERT INTO search_users (user_id, n, next_seq) VALUES "
+                "(?, (SELECT coalesce(max(n), 0) + 1 FROM search_users), 2) RETURNING n, 1",
+                (user_id,)).fetchone()
+        n, seq = int(row[0]), int(row[1])
+        if seq >= 1 << _USER_BITS:
+            raise OverflowError("search index: too many documents for one user; reindex")
+        return (n << _USER_BITS) | seq
+
+    # ---- writes
+
+    @staticmethod
+    def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+        for table in ("words", "grams"):
+            conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", [(i,) for i in ids])
+        conn.executemany("DELETE FROM docs WHERE id = ?", [(i,) for i in ids])
+
+    @staticmethod
+    def _insert_doc_row(conn: sqlite3.Connection, doc_id: int, user_id: str, s: DocState,
+                        blob_hash: str, has_attachments: bool, partial: bool) -> None:
+        conn.execute(
+            "INSERT INTO docs (id, user_id, message_id, folder_id, uid, sysflags, keywords, "
+            "internal_date, size, blob_hash, has_attachments, partial) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (doc_id, user_id, s.message_id, s.folder_id, s.uid, s.sysflags,
+             " ".join(s.keywords), s.internal_date, s.size, blob_hash, int(has_attachments),
+             int(partial)))
+
+    async def index(self, docs: Sequence[IndexDocument]) -> None:
+        if not docs:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            for doc in docs:
+                old = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                                   (doc.user_id, doc.state.message_id)).fetchone()
+                if old is not None:
+                    self._delete_ids(conn, [int(old[0])])
+                doc_id = self._new_id(conn, doc.user_id)
+                headers, body = doc.imap_headers, doc.imap_body
+                partial = doc.partial or len(headers) > MAX_IMAP_TEXT \
+                    or len(body) > MAX_IMAP_TEXT
+                self._insert_doc_row(conn, doc_id, doc.user_id, doc.state, doc.blob_hash,
+                                     doc.has_attachments, partial)
+                conn.execute(
+                    "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+                    "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc_id, _text(doc.from_), _text(doc.to), _text(doc.cc), _text(doc.bcc),
+                     _text(doc.subject), _text(doc.body), _text(doc.filenames)))
+                conn.execute("INSERT INTO grams (rowid, headers, body) VALUES (?, ?, ?)",
+                             (doc_id, _text(headers[:MAX_IMAP_TEXT]),
+                              _text(body[:MAX_IMAP_TEXT])))
+
+        await self._write(run)
+
+    async def copy(self, user_id: str, blob_hash: str, state: DocState) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            src = conn.execute(
+                "SELECT id, has_attachments, partial FROM docs WHERE user_id = ? "
+                "AND blob_hash = ? LIMIT 1", (user_id, blob_hash)).fetchone()
+            if src is None:
+                return False
+            old = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                               (user_id, state.message_id)).fetchone()
+            if old is not None:
+                self._delete_ids(conn, [int(old[0])])
+            doc_id = self._new_id(conn, user_id)
+            self._insert_doc_row(conn, doc_id, user_id, state, blob_hash, bool(src[1]),
+                                 bool(src[2]))
+            conn.execute(
+                "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+                "f_filename) SELECT ?, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+                "f_filename FROM words WHERE rowid = ?", (doc_id, src[0]))
+            conn.execute("INSERT INTO grams (rowid, headers, body) SELECT ?, headers, body "
+                         "FROM grams WHERE rowid = ?", (doc_id, src[0]))
+            return True
+
+        return await self._write(run)
+
+    async def update(self, user_id: str, states: Sequence[DocState]) -> None:
+        if not states:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE docs SET folder_id = ?, uid = ?, sysflags = ?, keywords = ?, "
+                "internal_date = ?, size = ? WHERE user_id = ? AND message_id = ?",
+                [(s.folder_id, s.uid, s.sysflags, " ".join(s.keywords), s.internal_date,
+                  s.size, user_id, s.message_id) for s in states])
+
+        await self._write(run)
+
+    async def remove(self, user_id: str, message_ids: Sequence[str]) -> None:
+        if not message_ids:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            ids: list[int] = []
+            for mid in message_ids:
+                row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                                   (user_id, mid)).fetchone()
+                if row is not None:
+                    ids.append(int(row[0]))
+            self._delete_ids(conn, ids)
+
+        await self._write(run)
+
+    async def remove_user(self, user_id: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            n = self._user_n(conn, user_id)
+            if n is None:
+                return
+            lo, hi = self._range_of(n)
+            for table in ("words", "grams"):
+                conn.execute(f"DELETE FROM {table} WHERE rowid BETWEEN ? AND ?", (lo, hi))
+            conn.execute("DELETE FROM docs WHERE user_id = ?", (user_id,))
+
+        await self._write(run)
+
+    # ---- reads
+
+    async def indexed_ids(self, user_id: str) -> set[str]:
+        def run(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT message_id FROM docs WHERE user_id = ?", (user_id,))
+            return {str(r[0]) for r in rows}
+
+        return await self._read(run)
+
+    async def search(
+        self,
+        user_id: str,
+        query: Filter,
+        *,
+        rank_terms: Sequence[Words] = (),
+        sort: Sort = "date",
+        limit: int = 50,
+        offset: int = 0,
+        before: tuple[float, str] | None = None,
+    ) -> list[Hit]:
+        def run(conn: sqlite3.Connection) -> list[Hit]:
+            n = self._user_n(conn, user_id)
+            if n is None:
+                return []
+            lo, hi = self._range_of(n)
+            comp = _Compiler(lo, hi)
+            where = comp.sql(query)
+            rank_expr = None
+            if sort == "relevance":
+                exprs = [e for e in (_words_expr(t) for t in rank_terms) if e is not None]
+                rank_expr = " OR ".join(f"({e})" for e in exprs) if exprs else None
+            params: list[object] = []
+            if rank_expr is not None:
+                sql = (f"SELECT d.id, d.message_id, d.internal_date, coalesce(r.score, 0) "
+                       f"FROM docs d LEFT JOIN (SELECT rowid AS rid, {_BM25} AS score "
+                       "FROM words WHERE words MATCH ? AND rowid BETWEEN ? AND ?) r "
+                       "ON r.rid = d.id ")
+                params += [rank_expr, lo, hi]
+            else:
+                sql = "SELECT d.id, d.message_id, d.internal_date, 0 FROM docs d "
+            sql += f"WHERE d.user_id = ? AND d.id BETWEEN ? AND ? AND {where}"
+            params += [user_id, lo, hi, *comp.params]
+            if before is not None and rank_expr is None:
+                sql += " AND (d.internal_date, d.message_id) < (?, ?)"
+                params += [before[0], before[1]]
+            order = "d.internal_date DESC, d.message_id DESC"
+            sql += f" ORDER BY {'4, ' if rank_expr else ''}{order} LIMIT ? OFFSET ?"
+            params += [limit, offset if rank_expr is not None or before is None else 0]
+            rows = conn.execute(sql, params).fetchall()
+            if not rows:
+                return []
+            ids = [int(r[0]) for r in rows]
+            bodies = dict(conn.execute(
+                f"SELECT rowid, f_body FROM words WHERE rowid IN ({','.join('?' * len(ids))})",
+                ids).fetchall())
+            return [Hit(str(r[1]), float(r[2]), float(r[3]), str(bodies.get(r[0], "")))
+                    for r in rows]
+
+        return await self._read(run)
+
+    async def narrow(self, user_id: str, folder_id: str, criterion: Criterion) -> Narrowed:
+        def run(conn: sqlite3.Connection) -> Narrowed:
+            n = self._user_n(conn, user_id)
+            if n is None:
+                return Narrowed(frozenset(), frozenset())
+            lo, hi = self._range_of(n)
+            comp = _Compiler(lo, hi)
+            cond = comp.criterion(criterion) or "1"
+            rows = conn.execute(
+                f"SELECT d.message_id, {cond} FROM docs d WHERE d.user_id = ? "
+                "AND d.folder_id = ?", [*comp.params, user_id, folder_id]).fetchall()
+            return Narrowed(frozenset(str(r[0]) for r in rows if r[1]),
+                            frozenset(str(r[0]) for r in rows))
+
+        return await self._read(run)
