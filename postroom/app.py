@@ -195,6 +195,10 @@ class Postroom:
             max_message_bytes=settings.mail.max_message_bytes,
         )
         self.service.use_search_index(self.search)
+        if settings.spam.enabled:
+            from postroom.spam.setup import make_spam_filter
+
+            self.service.spam = make_spam_filter(settings, self.metadata, self.blobs)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._opened: list[Any] = []

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only show the schema version and the steps still to apply")
     migrate.add_argument("--to", type=int, metavar="VERSION",
                          help="apply the steps up to VERSION only")
+    from postroom.spam.cli import add_parser as add_spam_parser
+
+    add_spam_parser(sub)
     from postroom.search.cli import add_parser as add_search_parser
 
     add_search_parser(sub)
@@ -191,6 +194,13 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
         from postroom.search.cli import run as run_search_command
 
         return await run_search_command(args, service)
+    elif cmd == "spam":
+        from postroom.spam.cli import run_lists
+
+        try:
+            return await run_lists(args, node.metadata)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
     elif cmd == "dkim":
         from postroom.mailflow.dkim import DkimError, DkimKeys
 
@@ -347,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_async(serve(settings))
         if args.command == "migrate":
             return run_async(migrate(args, settings))
+        if args.command == "spam" and args.action == "train":
+            from postroom.spam.cli import run_train
+
+            return run_train(args, settings.data_dir)
         return run_async(with_node(settings, lambda node: manage(args, node)))
     except (ConfigError, ServiceError) as exc:
         print(f"postroom: {exc}", file=sys.stderr)

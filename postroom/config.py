@@ -235,6 +235,25 @@ class DeliverySettings(BaseModel):
         return value
 
 
+class SpamSettings(BaseModel):
+    """Spam filtering of mail from the internet (postroom.spam), and per-user outbound limits.
+
+    (Reconstructed after an accidental truncation of this file: check the defaults.)
+    """
+
+    enabled: bool = True
+    model: str = ""  # a model from `postroom spam train`; empty: the data dir's, else shipped
+    check_auth: bool = True  # SPF, DKIM, DMARC
+    dnsbl: list[str] = Field(default_factory=list)  # DNS blocklist zones
+    junk_threshold: float = 0.0
+    reject_threshold: float = 15.0
+    dmarc_reject: Literal["smtp", "junk"] = "smtp"  # 550 5.7.1 at SMTP time, or file as junk
+    reputation_half_life: float = 30 * 86400.0
+    trusted_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    messages_per_hour: int = 200  # outbound, per user
+    recipients_per_day: int = 1000  # outbound, per user
+
+
 # What one `postroom serve` node runs, so front ends and workers scale separately.
 ROLES = ("smtp", "submission", "imap", "pop3", "http", "workers")
 
@@ -273,6 +292,7 @@ class Settings(BaseSettings):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     dns: DnsSettings = Field(default_factory=DnsSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    spam: SpamSettings = Field(default_factory=SpamSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -13,14 +13,16 @@ import binascii
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -113,6 +115,33 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
+class RateLimited(ServiceError):
+    """An outbound limit was hit (SMTP 451 4.7.1, HTTP 429)."""
+
+    code = "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """The spam filter's look at a message at SMTP time: refuse it (`reject` says why), or
+    take it with `headers` above it and `data` for the incoming pipeline."""
+
+    reject: str = ""
+    headers: bytes = b""
+    data: dict[str, Any] | None = None
+
+
+class SpamHooks(Protocol):
+    """What MailService asks of the spam filter (postroom.spam.filter.SpamFilter)."""
+
+    async def screen(self, envelope: Envelope, raw: bytes) -> Screening: ...
+    async def sender_refused(self, mail_from: str, client_ip: str,
+                             user: User | None) -> bool: ...
+    async def learn(self, user: User, records: Sequence[MessageRecord], spam: bool) -> None: ...
+    async def send_refusal(self, user: User, recipients: int) -> str | None: ...
+    async def record_send(self, user: User, recipients: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     messages: list[MessageRecord]
@@ -184,6 +213,19 @@ def decode_cursor(token: str) -> ListCursor:
         raise InvalidInput("invalid cursor") from None
 
 
+def _list_value(value: str) -> str:
+    """A block/allow entry as stored: an IP address, or an address or domain in lower case."""
+    text = value.strip().lower()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if not text or any(c.isspace() for c in text) or text.count("@") > 1 \
+            or text.startswith("@") or text.endswith(("@", ".")) or "." not in text:
+        raise InvalidInput(f"not an address, domain or IP address: {value!r}")
+    return text
+
+
 class AuthThrottle:
     """Counts failed logins per address and per client; refuses once a key exceeds the limit.
 
@@ -245,6 +287,7 @@ class MailService:
         # set by the app (use_search_index) when a search index is configured
         self.search_index: SearchIndex | None = None
         self.indexer: Indexer | None = None
+        self.spam: SpamHooks | None = None  # set by the app when spam filtering is on
         # Verified (address, password) pairs, keyed by an HMAC under a per-process secret:
         # argon2 costs ~100 ms by design, far too much to pay on every API request.
         self._auth_secret = os.urandom(32)
@@ -622,6 +665,7 @@ class MailService:
             await self._publish(Event(MESSAGE_MOVED, user.user_id, new.folder_id, new.uid,
                                       new.modseq, new.message_id,
                                       {"from_folder_id": old.folder_id, "from_uid": old.uid}))
+        await self._spam_feedback(user, [(old.folder_id, new) for old, new in moved], target)
         return [new for _, new in moved]
 
     async def copy(
@@ -635,7 +679,60 @@ class MailService:
                 await self.indexer.copied(copies)
         for record in copies:
             await self._publish(self._new_event(record))
+        await self._spam_feedback(user, [("", record) for record in copies], target)
         return copies
+
+    async def report_spam(self, user: User, message_ids: Sequence[str],
+                          spam: bool) -> list[MessageRecord]:
+        """The user says these are spam (moved to Junk) or not (moved to INBOX); moving
+        trains the filter, as any move into or out of Junk does."""
+        target = await self.folder_by_role(user, FolderRole.JUNK if spam else FolderRole.INBOX)
+        records = await self.metadata.get_messages(user.user_id, list(message_ids))
+        if not records:
+            raise NotFoundError("no such message")
+        here = [r for r in records if r.folder_id == target.folder_id]
+        moved = await self.move(user, [r.message_id for r in records
+                                       if r.folder_id != target.folder_id], target.folder_id)
+        if here and self.spam is not None:  # already there: still a verdict worth learning
+            await self._learn(user, here, spam)
+        return moved + here
+
+    async def spam_list(self, user: User) -> list[tuple[str, str]]:
+        """The user's own block and allow entries: (value, action)."""
+        return [(e.value, e.action) for e in await self.metadata.list_entries(user.user_id)]
+
+    async def set_spam_list_entry(self, user: User, value: str, action: str) -> str:
+        """Block or allow an address, a domain or an IP address for this user only."""
+        if action not in ("block", "allow"):
+            raise InvalidInput("action must be block or allow")
+        entry = _list_value(value)
+        await self.metadata.set_list_entry(user.user_id, entry, action)
+        return entry
+
+    async def remove_spam_list_entry(self, user: User, value: str) -> None:
+        if not await self.metadata.remove_list_entry(user.user_id, _list_value(value)):
+            raise NotFoundError("no such entry")
+
+    async def _spam_feedback(self, user: User, moved: Sequence[tuple[str, MessageRecord]],
+                             target: Folder) -> None:
+        """Moving into Junk trains spam; out of Junk (not to Trash) trains ham."""
+        if self.spam is None or not moved:
+            return
+        junk = await self.metadata.get_folder_by_role(user.user_id, FolderRole.JUNK)
+        if junk is None:
+            return
+        if target.folder_id == junk.folder_id:
+            await self._learn(user, [r for src, r in moved if src != junk.folder_id], True)
+        elif target.role is not FolderRole.TRASH:
+            await self._learn(user, [r for src, r in moved if src == junk.folder_id], False)
+
+    async def _learn(self, user: User, records: Sequence[MessageRecord], spam: bool) -> None:
+        if self.spam is None or not records:
+            return
+        try:
+            await self.spam.learn(user, records, spam)
+        except Exception:  # feedback must never fail the move that carried it
+            log.exception("spam feedback for %s failed", user.address)
 
     async def delete(self, user: User, message_id: str) -> MessageRecord | None:
         """Move to Trash; a message already in Trash is expunged (returns None then)."""
@@ -702,12 +799,14 @@ class MailService:
     # ------------------------------------------------------------------------------ delivery
 
     async def deliver(
-        self, envelope: Envelope, raw: bytes, delivery_key: str | None = None
+        self, envelope: Envelope, raw: bytes, delivery_key: str | None = None,
+        folders: Mapping[str, FolderRole] | None = None,
     ) -> DeliveryResult:
         """File a received message into each local recipient's INBOX.
 
         With a delivery_key (the incoming queue item id), each recipient's copy is recorded
         with `key:recipient`, so a redelivered queue item never makes a second copy.
+        `folders` picks another folder by role per user id (the spam filter's Junk).
         """
         self._check_size(raw)
         parsed = parse_message(raw)
@@ -722,7 +821,8 @@ class MailService:
             if user.user_id in seen_users:  # two aliases of one user: one copy
                 continue
             seen_users.add(user.user_id)
-            inbox = await self.folder_by_role(user, FolderRole.INBOX)
+            role = folders.get(user.user_id, FolderRole.INBOX) if folders else FolderRole.INBOX
+            inbox = await self.folder_by_role(user, role)
             key = f"{delivery_key}:{user.user_id}" if delivery_key else None
             try:
                 record, _ = await self._file(user, inbox, raw, parsed, Flags(), None, key)
@@ -731,7 +831,26 @@ class MailService:
             delivered[rcpt] = record
         return DeliveryResult(delivered, tuple(unknown))
 
-    async def enqueue_incoming(self, envelope: Envelope, raw: bytes) -> str:
+    async def screen_incoming(self, envelope: Envelope, raw: bytes) -> Screening:
+        """The spam filter's SMTP-time look at a message from the internet (nothing to say
+        when filtering is off, or when the filter itself fails: the pipeline tries again)."""
+        if self.spam is None:
+            return Screening()
+        try:
+            return await self.spam.screen(envelope, raw)
+        except Exception:
+            log.exception("spam screening at SMTP time failed")
+            return Screening()
+
+    async def sender_refused(self, mail_from: str, client_ip: str, rcpt: str) -> bool:
+        """Is this sender banned, service-wide or by the recipient? (checked at RCPT)"""
+        if self.spam is None:
+            return False
+        return await self.spam.sender_refused(mail_from, client_ip,
+                                              await self.resolve_recipient(rcpt))
+
+    async def enqueue_incoming(self, envelope: Envelope, raw: bytes,
+                               screening: dict[str, Any] | None = None) -> str:
         """Make a received message durable on the incoming queue; SMTP says 250 after this."""
         self._check_size(raw)
         digest = await self.blobs.put(raw)
@@ -744,6 +863,8 @@ class MailService:
             "blob": digest,
             "received_at": time.time(),
         }
+        if screening is not None:
+            payload["screening"] = screening
         return await self.queue.put(INCOMING, json.dumps(payload).encode())
 
     async def process_incoming(self, payload: bytes, item_id: str) -> DeliveryResult:
@@ -791,6 +912,7 @@ class MailService:
         except ComposeError as exc:
             raise InvalidInput(str(exc)) from None
         self._check_size(transmitted)
+        await self._check_send_limits(user, len(recipients))
 
         sent = await self._dispatch(user, Envelope(user.address, tuple(recipients)),
                                     transmitted, sent_copy)
@@ -812,7 +934,15 @@ class MailService:
         keeps a \\Seen copy in Sent. The caller checks MAIL FROM and From: via may_send_as.
         """
         self._check_size(raw)
+        await self._check_send_limits(user, len(set(envelope.rcpt_to)))
         return await self._dispatch(user, envelope, raw, raw)
+
+    async def _check_send_limits(self, user: User, recipients: int) -> None:
+        if self.spam is None:
+            return
+        refusal = await self.spam.send_refusal(user, recipients)
+        if refusal:
+            raise RateLimited(refusal)
 
     async def _dispatch(
         self, user: User, envelope: Envelope, transmitted: bytes, sent_copy: bytes
@@ -841,6 +971,11 @@ class MailService:
         sent_folder = await self.folder_by_role(user, FolderRole.SENT)
         sent, _ = await self._file(user, sent_folder, sent_copy, parse_message(sent_copy),
                                    Flags(Flag.SEEN), None, None)
+        # Whoever the user writes to is trusted for them: their replies skip the Junk folder.
+        await self.metadata.add_contacts(user.user_id, [r.lower() for r in envelope.rcpt_to],
+                                         time.time())
+        if self.spam is not None:
+            await self.spam.record_send(user, len(set(envelope.rcpt_to)))
         return SendResult(sent, delivered, tuple(remote), queue_item)
 
     async def deliver_report(

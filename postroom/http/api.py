@@ -30,6 +30,9 @@ from postroom.http.schemas import (
     MessageSummary,
     SendRequest,
     SendResponse,
+    SpamListEntry,
+    SpamListEntryIn,
+    SpamListOut,
     TokenRequest,
     TokenResponse,
 )
@@ -42,6 +45,7 @@ from postroom.service import (
     MailService,
     NotFoundError,
     OutgoingAttachment,
+    RateLimited,
     ServiceError,
     TooManyAttempts,
 )
@@ -54,6 +58,7 @@ _STATUS = {
     AuthFailed: 401,
     Forbidden: 403,
     TooManyAttempts: 429,
+    RateLimited: 429,
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429)
@@ -298,6 +303,39 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
         if add or remove:
             await service.set_flags(user, [message_id], add=add, remove=remove)
         return MessageSummary.of(await service.get_message(user, message_id))
+
+    @app.post("/v1/messages/{message_id}/spam", response_model=MessageSummary,
+              tags=["spam"], response_model_by_alias=True)
+    async def report_spam(user: UserDep, message_id: str) -> MessageSummary:
+        """Moves the message to Junk and trains the user's filter on it as spam."""
+        records = await service.report_spam(user, [message_id], spam=True)
+        return MessageSummary.of(records[0])
+
+    @app.post("/v1/messages/{message_id}/not-spam", response_model=MessageSummary,
+              tags=["spam"], response_model_by_alias=True)
+    async def report_not_spam(user: UserDep, message_id: str) -> MessageSummary:
+        """Moves the message to INBOX and trains the user's filter on it as ham."""
+        records = await service.report_spam(user, [message_id], spam=False)
+        return MessageSummary.of(records[0])
+
+    @app.get("/v1/spam/lists", response_model=SpamListOut, tags=["spam"])
+    async def get_spam_lists(user: UserDep) -> SpamListOut:
+        """The user's own block and allow lists (addresses, domains, IP addresses)."""
+        entries = await service.spam_list(user)
+        return SpamListOut(block=[v for v, a in entries if a == "block"],
+                           allow=[v for v, a in entries if a == "allow"])
+
+    @app.put("/v1/spam/lists/{value}", response_model=SpamListEntry, tags=["spam"])
+    async def put_spam_list_entry(user: UserDep, value: str,
+                                  body: SpamListEntryIn) -> SpamListEntry:
+        """Block or allow a sender (ADDRESS, DOMAIN or IP) for this user."""
+        stored = await service.set_spam_list_entry(user, value, body.action)
+        return SpamListEntry(value=stored, action=body.action)
+
+    @app.delete("/v1/spam/lists/{value}", status_code=204, tags=["spam"])
+    async def delete_spam_list_entry(user: UserDep, value: str) -> Response:
+        await service.remove_spam_list_entry(user, value)
+        return Response(status_code=204)
 
     @app.delete("/v1/messages/{message_id}", status_code=204, tags=["messages"])
     async def delete_message(user: UserDep, message_id: str) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -176,3 +177,17 @@ class MessagePatch(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+
+
+class SpamListOut(BaseModel):
+    block: list[str]
+    allow: list[str]
+
+
+class SpamListEntryIn(BaseModel):
+    action: Literal["block", "allow"]
+
+
+class SpamListEntry(BaseModel):
+    value: str
+    action: str

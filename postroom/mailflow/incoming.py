@@ -3,8 +3,9 @@
 Each queue item runs through a pipeline of steps, in order:
 
     load      the queue item's envelope and the message's bytes from the blob store
-    ...       (later: SPF/DKIM/DMARC, spam, virus checks: each a Step that reads the message
-               and adds a verdict, or raises Rejected)
+    spam      SPF/DKIM/ARC/DMARC, DNSBL, content and reputation (postroom.spam): usually
+              analysed at SMTP time and carried in the item; here each recipient's verdict
+              picks INBOX or Junk (later steps, e.g. virus checks, add theirs the same way)
     deliver   one copy per local recipient, keyed by the queue item id
 
 At-least-once: an item is acked only after every recipient's copy is committed. If the worker
@@ -23,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from postroom.core.models import Envelope
+from postroom.core.models import Envelope, FolderRole
 from postroom.service import DeliveryResult, MailService
 from postroom.store.queue import INCOMING, Queue, QueueItem
 
@@ -49,6 +50,7 @@ class IncomingMessage:
     received_at: float = 0.0
     raw: bytes = b""
     verdicts: dict[str, str] = field(default_factory=dict)
+    folders: dict[str, FolderRole] = field(default_factory=dict)  # user id -> not INBOX
     result: DeliveryResult | None = None
 
 
@@ -87,7 +89,8 @@ class DeliverToMailboxes:
 
     async def run(self, message: IncomingMessage) -> None:
         message.result = await self.service.deliver(
-            message.envelope, message.raw, delivery_key=message.item.item_id
+            message.envelope, message.raw, delivery_key=message.item.item_id,
+            folders=message.folders or None,
         )
         if message.result.unknown:
             log.warning("incoming item %s: unknown recipients %s", message.item.item_id,
@@ -101,6 +104,7 @@ class IncomingPipeline:
         self.service = service
         self.steps: list[Step] = steps if steps is not None else [
             LoadMessage(service),
+            *_spam_steps(service),
             DeliverToMailboxes(service),
         ]
 
@@ -109,6 +113,14 @@ class IncomingPipeline:
         for step in self.steps:
             await step.run(message)
         return message
+
+
+def _spam_steps(service: MailService) -> list[Step]:
+    """Authentication and spam checks (postroom.spam), when the app turned them on."""
+    from postroom.spam.filter import SpamFilter
+    from postroom.spam.step import SpamCheck
+
+    return [SpamCheck(service, service.spam)] if isinstance(service.spam, SpamFilter) else []
 
 
 async def _hold_lease(queue: Queue, item: QueueItem, lease: float) -> None:

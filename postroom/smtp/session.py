@@ -30,7 +30,7 @@ from enum import Enum
 from postroom.config import SmtpSettings
 from postroom.core.address import domain_of
 from postroom.core.models import Envelope, User
-from postroom.service import AuthFailed, InvalidInput, MailService, TooManyAttempts
+from postroom.service import AuthFailed, InvalidInput, MailService, RateLimited, TooManyAttempts
 from postroom.smtp.commands import (
     CommandError,
     check_address,
@@ -360,6 +360,9 @@ class SmtpSession:
             if await self.service.resolve_recipient(rcpt) is None:
                 raise CommandError(550, "5.1.1", f"<{address}>: Recipient address rejected: "
                                                  "User unknown")
+            if self.user is None and await self.service.sender_refused(
+                    tx.mail_from, self.client_ip, rcpt):
+                raise CommandError(550, "5.7.1", f"<{address}>: Sender refused by policy")
         elif self.user is None:  # RFC 5321 §3.6.2: only authenticated clients may relay
             raise CommandError(550, "5.7.1", f"<{address}>: Relay access denied")
         if rcpt not in tx.recipients:
@@ -451,7 +454,12 @@ class SmtpSession:
         try:
             if self.user is None:
                 raw = return_path_header(tx.mail_from) + received + message
-                item = await self.service.enqueue_incoming(envelope, raw)
+                screening = await self.service.screen_incoming(envelope, raw)
+                if screening.reject:
+                    raise CommandError(550, "5.7.1", screening.reject)
+                item = await self.service.enqueue_incoming(
+                    envelope, raw[:len(raw) - len(message)] + screening.headers + message,
+                    screening.data)
             else:
                 senders = from_addresses(message)
                 if not senders:
@@ -464,6 +472,8 @@ class SmtpSession:
                 item = result.queue_item or result.sent.message_id
         except InvalidInput as exc:
             raise CommandError(552, "5.3.4", str(exc)) from None
+        except RateLimited as exc:
+            raise CommandError(451, "4.7.1", str(exc)) from None
         except CommandError:
             raise
         except Exception:

@@ -89,10 +89,12 @@ def subjects(c: httpx.Client, folder: str = "INBOX") -> list[str]:
 
 
 def trace_prefix_ok(stored: bytes, sent: bytes) -> bool:
-    """True if stored is sent with only trace headers (Return-Path, Received) before it."""
+    """True if stored is sent with only trace headers (Return-Path, Received) and the spam
+    filter's (Authentication-Results, X-Spam-Score, X-Spam-Status) before it."""
     if not stored.endswith(sent):
         return False
     prefix = stored[: len(stored) - len(sent)].decode()
     fields = [line for line in prefix.split("\r\n") if line and line[0] not in " \t"]
     return prefix.endswith("\r\n") and all(
-        f.split(":", 1)[0].lower() in ("return-path", "received") for f in fields)
+        f.split(":", 1)[0].lower() in ("return-path", "received", "authentication-results",
+                                       "x-spam-score", "x-spam-status") for f in fields)
