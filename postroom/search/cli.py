@@ -92,12 +92,13 @@ async def run_import(args: argparse.Namespace, service: MailService) -> int:
         total, items = read_mbox(path) if args.format == "mbox" else read_maildir(path)
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read {path}: {exc}") from None
-    if await service.find_folder(user, args.folder) is None:
+    try:
+        folder = await service.get_folder(user, args.folder)
+    except NotFoundError:
         try:
-            await service.create_folder(user, args.folder)
-        except ConflictError:
-            pass
-    folder = await service.get_folder(user, args.folder)
+            folder = await service.create_folder(user, args.folder)
+        except ConflictError:  # made meanwhile by someone else
+            folder = await service.get_folder(user, args.folder)
     bar = ProgressBar(f"import {path.name}")
     done = failed = 0
     for item in items:
