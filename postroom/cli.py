@@ -245,8 +245,7 @@ async def manage_queue(args: argparse.Namespace, node: Postroom) -> int:
             row = queue_view.describe(item)
             print(json.dumps(row, indent=2) if args.json else queue_view.format_detail(row))
         elif args.action == "retry":
-            await queue.retry(item, 0.0, item.last_error)
-            print(f"{item.item_id}: due now")
+            print(f"{item.item_id}: due now as {await queue_view.make_due(queue, item)}")
         elif args.action == "delete":
             if not await queue.remove(item.topic, item.item_id):
                 raise ServiceError(f"no queued item {item.item_id}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 from postroom.store.queue import INCOMING, OUTGOING, Queue, QueueItem
@@ -61,6 +62,24 @@ async def find(queue: Queue, item_id: str, topics: tuple[str, ...] = TOPICS
             if describe(item)["first_id"] == item_id:
                 return item
     return None
+
+
+async def make_due(queue: Queue, item: QueueItem) -> str:
+    """Make a waiting item due now; returns its id afterwards.
+
+    An outgoing item is put again under a new id, due now, before the old one is removed (a
+    crash in between leaves two, never none): unlike `retry`, that works for an item no worker
+    holds, on every queue engine. Its state travels in the payload, so the new id is harmless.
+    An incoming item keeps its id, which its deliveries are keyed by, and is retried in place.
+    """
+    if item.topic != OUTGOING:
+        await queue.retry(item, 0.0, item.last_error)
+        return item.item_id
+    row = describe(item)
+    new_id = f"{row['first_id']}-{row['attempts']}-r{uuid.uuid4().hex[:8]}"
+    await queue.put(OUTGOING, item.payload, item_id=new_id)
+    await queue.remove(OUTGOING, item.item_id)
+    return new_id
 
 
 def format_line(row: dict[str, Any]) -> str:

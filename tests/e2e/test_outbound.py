@@ -33,6 +33,7 @@ ALICE = ("alice@a.test", "alice-secret-1")
 BOB = ("bob@b.test", "bob-secret-22")
 CAROL = ("carol@prio.test", "carol-secret-3")
 DAVE = ("dave@amx.test", "dave-secret-44")
+RITA = ("rita@relay.test", "rita-secret-55")
 WAIT = 60.0  # generous: the machine is shared by parallel test runs
 
 
@@ -43,6 +44,7 @@ class Net:
     receiver: ServerProcess
     postfix: PostfixPeer
     port: int
+    relayed: ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -66,27 +68,38 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     ], hosts=[
         ("mx.b.test", "127.0.0.2"), ("down.prio.test", "127.0.0.4"),
         ("amx.test", "127.0.0.2"), ("mx.pf.test", "127.0.0.3"),
-    ], txt=[("s1._domainkey.a.test", key.txt_strings())])
+    ], txt=[("s1._domainkey.a.test", key.txt_strings()),
+            ("a.test", ["v=spf1 ip4:127.0.0.1 -all"]),
+            ("_dmarc.a.test", ["v=DMARC1; p=reject; adkim=s; aspf=s"])])
     dns.start()
     env = {"POSTROOM_DNS__SERVERS": f"127.0.0.1:{dns.port}",
            "POSTROOM_DELIVERY__PORT": str(port),
            "POSTROOM_DELIVERY__SCHEDULE": "1s,2s",
            "POSTROOM_DELIVERY__CONNECT_TIMEOUT": "5"}
-    sender.env.update(env, POSTROOM_HOSTNAME="mx.a.test")
+    sender.env.update(env, POSTROOM_HOSTNAME="mx.a.test", POSTROOM_DELIVERY__IDLE_TIMEOUT="3")
     receiver = ServerProcess(base / "receiver", env=dict(env),
                              extra_args=["--hostname", "mx.b.test", "--smtp", f"127.0.0.2:{port}"])
-    for domain in ("b.test", "prio.test", "amx.test"):
+    for domain in ("b.test", "prio.test", "amx.test", "relay.test"):
         receiver.cli("domain", "add", domain)
-    for address, password in (BOB, CAROL, DAVE):
+    for address, password in (BOB, CAROL, DAVE, RITA):
         receiver.cli("user", "add", address, "--password", password)
+    # A second sender that relays everything through the receiver's submission port (AUTH).
+    relayed = ServerProcess(base / "relayed", extra_args=["--hostname", "mx.relay.test"],
+                            env={"POSTROOM_DELIVERY__SMARTHOST":
+                                 f"127.0.0.1:{receiver.submission_port}",
+                                 "POSTROOM_DELIVERY__SMARTHOST_USERNAME": RITA[0],
+                                 "POSTROOM_DELIVERY__SMARTHOST_PASSWORD": RITA[1],
+                                 "POSTROOM_DELIVERY__SCHEDULE": "1s"})
+    relayed.cli("domain", "add", "relay.test")
+    relayed.cli("user", "add", RITA[0], "--password", RITA[1])
     postfix = PostfixPeer("127.0.0.3", port, "pf.test",
                           defer={"later@pf.test": "451 4.7.1 Try again later"})
     started: list[Any] = []
     try:
-        for part in (receiver, postfix, sender):
+        for part in (receiver, postfix, sender, relayed):
             part.start()
             started.append(part)
-        yield Net(dns, sender, receiver, postfix, port)
+        yield Net(dns, sender, receiver, postfix, port, relayed)
     finally:
         for part in reversed(started):
             part.stop()
@@ -100,6 +113,18 @@ def send(net: Net, to: list[str], subject: str, text: str = "hello") -> dict[str
     body: dict[str, Any] = r.json()
     assert sorted(body["queued"]) == sorted(to)
     return body
+
+
+def arrived(server: ServerProcess, auth: tuple[str, str], subject: str) -> dict[str, Any]:
+    """The message as filed at the receiving Postroom: INBOX, or Junk if its spam filter, which
+    knows nothing of this sender yet, so decides (arriving is what delivery promises)."""
+    with api(server, *auth) as c:
+        def find() -> list[dict[str, Any]]:
+            return [m for folder in ("INBOX", "Junk") for m in folder_messages(c, folder)
+                    if m["subject"] == subject]
+        found: list[dict[str, Any]] = until(find, f"{subject!r} at {auth[0]}")
+    assert len(found) == 1, found
+    return found[0]
 
 
 def raw(server: ServerProcess, auth: tuple[str, str], message_id: str) -> bytes:
@@ -168,8 +193,7 @@ def report_fields(dsn: email.message.EmailMessage) -> list[dict[str, str]]:
 
 def test_mail_to_another_postroom_arrives_dkim_signed(net: Net) -> None:
     send(net, [BOB[0]], "to another postroom")
-    with api(net.receiver, *BOB) as bob:
-        summary = wait_for_subject(bob, "to another postroom", timeout=WAIT)
+    summary = arrived(net.receiver, BOB, "to another postroom")
     message = raw(net.receiver, BOB, summary["id"])
     signature = re.search(rb"DKIM-Signature:.*?(?=\r\n\S)", message, re.S)
     assert signature is not None
@@ -190,8 +214,7 @@ def test_mail_to_postfix_arrives_over_starttls_dkim_signed(net: Net) -> None:
 
 def test_lowest_preference_mx_when_the_preferred_is_down(net: Net) -> None:
     send(net, [CAROL[0]], "via the backup mx")
-    with api(net.receiver, *CAROL) as carol:
-        wait_for_subject(carol, "via the backup mx", timeout=WAIT)
+    arrived(net.receiver, CAROL, "via the backup mx")
     log = net.sender.log()
     tried = log.index("down.prio.test[127.0.0.4]")
     assert tried >= 0  # the preferred MX (10) was tried first, then the one at 20 took it
@@ -199,8 +222,7 @@ def test_lowest_preference_mx_when_the_preferred_is_down(net: Net) -> None:
 
 def test_fallback_to_the_address_record_without_mx(net: Net) -> None:
     send(net, [DAVE[0]], "implicit mx")
-    with api(net.receiver, *DAVE) as dave:
-        wait_for_subject(dave, "implicit mx", timeout=WAIT)
+    arrived(net.receiver, DAVE, "implicit mx")
 
 
 def test_null_mx_bounces_at_once(net: Net) -> None:
@@ -214,8 +236,7 @@ def test_null_mx_bounces_at_once(net: Net) -> None:
 
 def test_5xx_bounce_is_a_parseable_report_and_others_still_get_it(net: Net) -> None:
     send(net, [BOB[0], "nosuchuser@b.test"], "half bounced")
-    with api(net.receiver, *BOB) as bob:
-        wait_for_subject(bob, "half bounced", timeout=WAIT)
+    arrived(net.receiver, BOB, "half bounced")
     dsn = bounce_for(net, "half bounced")
     assert ALICE[0] in str(dsn["To"]) and dsn["Auto-Submitted"] == "auto-replied"
     groups = report_fields(dsn)
@@ -229,6 +250,34 @@ def test_5xx_bounce_is_a_parseable_report_and_others_still_get_it(net: Net) -> N
     headers = list(dsn.iter_parts())[2].get_content()
     assert "Subject: half bounced" in headers
     assert until(lambda: row_for(net, "nosuchuser@b.test") is None, "the item to go")
+
+
+def test_connections_are_reused_for_the_next_message(net: Net) -> None:
+    for n in range(3):
+        send(net, ["reuse@pf.test"], f"reuse {n}")
+        until(lambda n=n: [m for m in net.postfix.raw_messages()  # type: ignore[misc]
+                           if f"Subject: reuse {n}".encode() in m], f"message {n} at Postfix")
+    # The sender quits idle connections after 3 s; Postfix then logs each session's commands.
+    # Wait until every accepted transaction ("client=") belongs to a finished session.
+    def finished_sessions() -> list[int] | None:
+        log = net.postfix.log()
+        sessions = [int(m) for m in re.findall(r"disconnect from .* mail=(\d+)", log)]
+        return sessions if sum(sessions) >= len(re.findall(r": client=", log)) else None
+
+    sessions = until(finished_sessions, "Postfix to log the end of every session")
+    assert max(sessions) >= 2, sessions  # one session carried several transactions
+
+
+def test_smarthost_with_auth_replaces_mx_routing(net: Net) -> None:
+    with api(net.relayed, *RITA) as rita:
+        r = rita.post("/v1/messages", json={"to": [BOB[0]], "subject": "via the smarthost",
+                                           "text": "relayed"})
+        assert r.status_code in (200, 201), r.text
+    summary = arrived(net.receiver, BOB, "via the smarthost")
+    message = raw(net.receiver, BOB, summary["id"])
+    assert b"ESMTPSA" in message  # the receiver saw an authenticated, TLS session
+    with api(net.receiver, *RITA) as rita_b:  # submission filed her Sent copy there too
+        wait_for_subject(rita_b, "via the smarthost", folder="Sent", timeout=WAIT)
 
 
 def test_4xx_is_retried_until_it_succeeds(net: Net) -> None:
@@ -259,7 +308,7 @@ def test_queue_commands_show_retry_and_delete(net: Net) -> None:
     send(net, ["someone@down.test"], "never arrives")
     row = until(lambda: (r := row_for(net, "someone@down.test")) and r["attempts"] >= 1 and r,
                 "an attempt to the dead host")
-    detail = json.loads(net.sender.cli("queue", "show", row["id"], "--json").stdout)
+    detail = json.loads(net.sender.cli("queue", "show", row["first_id"], "--json").stdout)
     results = detail["history"][0]["results"]
     assert results[0]["outcome"] == "deferred" and "127.0.0.4" in results[0]["reply"]
     before = detail["attempts"]
