@@ -255,6 +255,7 @@ virtual_mailbox_maps = static:yes
 virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
 smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
 maillog_file = {pf}/maillog
+maillog_file_prefixes = {base}, /var
 default_process_limit = 200
 smtpd_client_connection_count_limit = 0
 smtpd_client_message_rate_limit = 0
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(work, 0o755)
         results.append(run_postroom(work, args.messages, args.size_kb, args.sessions,
                                     args.workers))
+        print(f"Postroom: accepted {results[0].accepted_rate:.0f}/s, "
+              f"delivered {results[0].delivered_rate:.0f}/s", flush=True)
         if not args.no_anchor:
             if have_postfix_dovecot():
                 results.append(run_postfix_dovecot(work, args.messages, args.size_kb,
