@@ -40,7 +40,10 @@ What the engine gives differently from SQLite (the Protocol allows both):
 - `list` reads the stream message by message (one state lookup each): fine for
   `postroom queue list`, not meant for hot paths.
 - `ack_wait` (default 30 s) bounds how long a message pulled by a process that died before its
-  take finished (before the lease NAK) stays invisible.
+  take finished (before the lease NAK) stays invisible, and how long items leased before a
+  NATS server restart stay invisible after it (the NAK timers live in the server's memory).
+- While NATS is unreachable every operation fails with StoreError after `request_timeout`
+  (default 5 s; SMTP then answers 451) and the client reconnects by itself.
 """
 
 from __future__ import annotations
@@ -85,7 +88,6 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _ENQUEUED = "Postroom-Enqueued-At"
 _NOT_BEFORE = "Postroom-Not-Before"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
-_REQUEST_TIMEOUT = 10.0
 # A message whose due time is this close counts as due (clocks of nodes are never exact).
 _DUE_SLACK = 0.005
 
@@ -141,6 +143,7 @@ class NatsQueue:
         max_ack_pending: int = 100_000,
         max_waiting: int = 512,
         state_max_age: float = 30 * 24 * 3600.0,
+        request_timeout: float = 5.0,
     ) -> None:
         if not _NAME.fullmatch(stream_prefix.replace("_", "-")):
             raise ValueError(f"invalid stream_prefix {stream_prefix!r}: letters, digits, - and _")
@@ -152,9 +155,13 @@ class NatsQueue:
         self.max_ack_pending = max_ack_pending
         self.max_waiting = max_waiting
         self.state_max_age = state_max_age
+        # How long one JetStream request (put, ack, state write) may take before the operation
+        # fails with StoreError, e.g. while the servers are unreachable (SMTP then says 451).
+        self.request_timeout = request_timeout
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._ready: set[str] = set()
+        self._down = False
         self._ensure_lock = asyncio.Lock()
 
     @classmethod
@@ -173,6 +180,7 @@ class NatsQueue:
             replicas=int(query.get("replicas", "1")),
             max_ack_pending=int(query.get("max_ack_pending", "100000")),
             max_waiting=int(query.get("max_waiting", "512")),
+            request_timeout=float(query.get("request_timeout", "5")),
         )
 
     # Names
@@ -199,11 +207,18 @@ class NatsQueue:
             return
 
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS queue connection: %r", exc)
+            # While reconnecting every failed attempt reports here: once is enough.
+            log.log(logging.DEBUG if self._down else logging.WARNING,
+                    "NATS queue connection: %r", exc)
 
         async def on_disconnect() -> None:
             if self._nc is not None:  # not our own close()
+                self._down = True
                 log.warning("NATS queue: disconnected; reconnecting")
+
+        async def on_reconnect() -> None:
+            self._down = False
+            log.warning("NATS queue: reconnected")
 
         with _engine_errors("connect"):
             nc = await nats.connect(
@@ -215,9 +230,10 @@ class NatsQueue:
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
             )
         self._nc = nc
-        self._js = nc.jetstream(timeout=_REQUEST_TIMEOUT)
+        self._js = nc.jetstream(timeout=self.request_timeout)
         try:
             with _engine_errors("open"):
                 await self._add_stream(StreamConfig(
@@ -361,6 +377,9 @@ class NatsQueue:
     async def _pull(self, topic: str, wait: float) -> Msg | None:
         """One message from the topic's consumer, waiting up to `wait` seconds; None if none."""
         nc = self._client()
+        if not nc.is_connected:
+            # A pull sent now would wait in the client's buffer: say so instead of "empty".
+            raise StoreError("queue take: not connected to NATS")
         request: dict[str, Any] = {"batch": 1}
         if wait <= 0:
             request["no_wait"] = True
@@ -378,9 +397,9 @@ class NatsQueue:
             try:
                 # The server answers by `expires` at the latest (408); wait a little longer so
                 # a message it sends at the last moment is not left unread.
-                msg = await subscription.next_msg(timeout=max(wait, 0.0) + 5.0)
+                msg = await subscription.next_msg(timeout=max(wait, 0.0) + self.request_timeout)
             except nats.errors.TimeoutError:
-                return None
+                raise StoreError("queue take: no answer from NATS") from None
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
@@ -431,7 +450,7 @@ class NatsQueue:
 
     async def _acknowledge(self, reply: str, verb: bytes) -> None:
         """+ACK or -NAK, as a request: the server answers once it has applied it."""
-        await self._client().request(reply, verb, timeout=_REQUEST_TIMEOUT)
+        await self._client().request(reply, verb, timeout=self.request_timeout)
 
     # Item states
 
