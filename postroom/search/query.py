@@ -323,10 +323,10 @@ def positive_terms(node: Query | None) -> list[Term]:
 
 
 def mentions_folder(node: Query | None) -> bool:
+    """Does the query ask for a folder (in:)? Then Trash and Junk are not hidden by default.
+    An excluded folder (-in:inbox) does not count: it narrows, it does not ask."""
     if isinstance(node, InFolder):
         return True
     if isinstance(node, AllOf | AnyOf):
         return any(mentions_folder(c) for c in node.children)
-    if isinstance(node, Exclude):
-        return mentions_folder(node.child)
     return False

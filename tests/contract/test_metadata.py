@@ -874,6 +874,46 @@ async def test_two_nodes_hand_out_uids_and_modseqs_in_one_order(
         await second.close()
 
 
+async def test_crossing_moves_and_flag_changes_on_two_nodes(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
+) -> None:
+    """Two nodes move the same messages in opposite directions and flag them at once: every
+    operation succeeds (no deadlock surfaces), no message is lost or doubled, and no flag
+    change is lost to another's read-modify-write."""
+    first = metadata_store
+    alice, inbox = await make_user_with_inbox(first)
+    uid = alice.user_id
+    other = await first.create_folder(uid, "Other")
+    ids = [
+        (await first.insert_message(uid, f.folder_id, message()))[0].message_id
+        for f in (inbox, other)
+        for _ in range(10)
+    ]
+    second = metadata_store_factory()
+    await second.open()
+    try:
+        ops = []
+        for _ in range(4):
+            ops += [
+                first.move_messages(uid, ids, other.folder_id),
+                second.move_messages(uid, ids[::-1], inbox.folder_id),
+                first.store_flags(uid, ids, add=Flags(Flag.SEEN)),
+                second.store_flags(uid, ids[::-1], add=Flags(Flag.FLAGGED, ("$work",))),
+            ]
+        await asyncio.gather(*ops)
+        records = await second.get_messages(uid, ids)
+        assert [r.message_id for r in records] == ids
+        assert all(Flag.SEEN in r.flags and Flag.FLAGGED in r.flags for r in records)
+        assert all(r.flags.keywords == ("$work",) for r in records)
+        for folder in (inbox, other):
+            listed = await first.list_uids(uid, folder.folder_id)
+            assert len({r.uid for r in listed}) == len(listed)
+        in_folders = [r for f in (inbox, other) for r in await first.list_uids(uid, f.folder_id)]
+        assert sorted(r.message_id for r in in_folders) == sorted(ids)
+    finally:
+        await second.close()
+
+
 async def test_data_survives_reopen(
     metadata_store: MetadataStore, metadata_store_factory: MetadataFactory
 ) -> None:
