@@ -238,20 +238,30 @@ class DeliverySettings(BaseModel):
 class SpamSettings(BaseModel):
     """Spam filtering of mail from the internet (postroom.spam), and per-user outbound limits.
 
-    (Reconstructed after an accidental truncation of this file: check the defaults.)
+    Scores are log-odds: 0 is "as likely spam as not" (docs/ARCHITECTURE.md, mail processing).
     """
 
     enabled: bool = True
-    model: str = ""  # a model from `postroom spam train`; empty: the data dir's, else shipped
-    check_auth: bool = True  # SPF, DKIM, DMARC
-    dnsbl: list[str] = Field(default_factory=list)  # DNS blocklist zones
-    junk_threshold: float = 0.0
-    reject_threshold: float = 15.0
-    dmarc_reject: Literal["smtp", "junk"] = "smtp"  # 550 5.7.1 at SMTP time, or file as junk
+    # The global content model; empty: DATA_DIR/spam-model.npz when `postroom spam train` made
+    # one, else the model shipped in the package.
+    model: str = ""
+    junk_threshold: float = 0.0  # at or above: the recipient's Junk folder
+    reject_threshold: float = 15.0  # at or above: 550 5.7.1 at SMTP time
+    dmarc_reject: Literal["smtp", "junk"] = "smtp"  # a failing message under p=reject
+    check_auth: bool = True  # SPF, DKIM, ARC and DMARC through the [dns] resolver
+    dnsbl: Annotated[list[str], NoDecode] = Field(default_factory=list)  # blocklist zones
+    # Clients whose mail skips the DNS checks and is never filed to Junk (still scored): local
+    # relays and tools. Empty to filter everything.
+    trusted_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     reputation_half_life: float = 30 * 86400.0
-    trusted_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    messages_per_hour: int = 200  # outbound, per user
-    recipients_per_day: int = 1000  # outbound, per user
+    messages_per_hour: int = Field(default=200, ge=0)  # outbound, per user; 0: no limit
+    recipients_per_day: int = Field(default=1000, ge=0)
+
+    @field_validator("dnsbl", "trusted_networks", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
 
 
 # What one `postroom serve` node runs, so front ends and workers scale separately.

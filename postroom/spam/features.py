@@ -214,7 +214,7 @@ def extract(parsed: ParsedMessage) -> set[str]:
         out.add("tod:" + _domain_tail(to_addr.rpartition("@")[2]))
 
     # Message-ID, Date, mailer
-    mid = parsed.headers.message_id or first("message-id").strip("<> ")
+    mid = (parsed.headers.message_id or first("message-id")).strip().strip("<>")
     if not mid:
         out.add("mid:<none>")
     else:
