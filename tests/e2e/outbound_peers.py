@@ -251,11 +251,15 @@ class PostfixPeer:
         return ", ".join([*rules, "permit_mynetworks", "reject_unauth_destination"])
 
     def stop_deferring(self) -> None:
-        """Accept the deferred recipients from now on. A restart, not a reload: a reload
-        leaves open sessions (a sender's reused connection) on the old settings."""
+        """Accept the deferred recipients from now on."""
         self.defer = {}
-        self._postfix("-e", f"smtpd_recipient_restrictions={self._restrictions()}",
-                      command="postconf")
+        self.reconfigure(smtpd_recipient_restrictions=self._restrictions())
+
+    def reconfigure(self, **settings: str) -> None:
+        """Change main.cf settings. A restart, not a reload: a reload leaves open sessions (a
+        sender's reused connection) on the old settings."""
+        for key, value in settings.items():
+            self._postfix("-e", f"{key}={value}", command="postconf")
         self._postfix("stop")
         self._postfix("start")
         wait_port(self.address, self.port)

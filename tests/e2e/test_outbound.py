@@ -178,17 +178,22 @@ def bounce_for(net: Net, subject: str) -> email.message.EmailMessage:
     return message
 
 
-def report_fields(dsn: email.message.EmailMessage) -> list[dict[str, str]]:
+def report_fields(dsn: email.message.EmailMessage,
+                  status_type: str = "message/delivery-status") -> list[dict[str, str]]:
     """The per-message and per-recipient field groups of a multipart/report (RFC 3464)."""
     assert dsn.get_content_type() == "multipart/report"
     assert dsn.get_param("report-type") == "delivery-status"
     parts = list(dsn.iter_parts())
-    assert [p.get_content_type() for p in parts] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers"]
-    groups = []
-    for block in parts[1].get_payload():  # the stdlib parses each field group as a Message
-        groups.append({k.lower(): str(v) for k, v in block.items()})
-    return groups
+    assert [p.get_content_type() for p in parts][:2] == ["text/plain", status_type]
+    assert parts[2].get_content_type() in ("text/rfc822-headers", "message/global-headers")
+    if status_type == "message/delivery-status":  # the stdlib parses it into field groups
+        return [{k.lower(): str(v) for k, v in block.items()}
+                for block in parts[1].get_payload()]
+    # message/global-delivery-status (RFC 6533): UTF-8 fields, read as text
+    text = parts[1].as_bytes().decode().replace("\r\n", "\n").split("\n\n", 1)[1]
+    return [dict((k.strip().lower(), v.strip()) for k, _, v in
+                 (line.partition(":") for line in block.splitlines() if line))
+            for block in re.split(r"\r?\n\r?\n", text.strip())]
 
 
 def test_mail_to_another_postroom_arrives_dkim_signed(net: Net) -> None:
@@ -329,6 +334,21 @@ def test_queue_commands_show_retry_and_delete(net: Net) -> None:
     with api(net.sender, *ALICE) as alice:  # a deleted item is not bounced
         assert not [m for m in folder_messages(alice, "INBOX") if "never arrives" in
                     raw(net.sender, ALICE, m["id"]).decode(errors="replace")]
+
+
+def test_utf8_address_fails_when_the_server_lacks_smtputf8(net: Net) -> None:
+    net.postfix.reconfigure(smtputf8_enable="no")
+    try:
+        send(net, ["jörg@pf.test", "ascii@pf.test"], "utf8 envelope")
+        dsn = bounce_for(net, "utf8 envelope")
+        groups = report_fields(dsn, status_type="message/global-delivery-status")
+        assert [g.get("final-recipient") for g in groups[1:]] == ["utf-8; jörg@pf.test"]
+        assert groups[1]["status"] == "5.6.7"
+        # The recipient that needs no SMTPUTF8 still gets the message.
+        until(lambda: [m for m in net.postfix.raw_messages() if b"Subject: utf8 envelope" in m],
+              "the ASCII recipient's copy")
+    finally:
+        net.postfix.reconfigure(smtputf8_enable="yes")
 
 
 def test_dns_records_and_dkim_commands(net: Net) -> None:

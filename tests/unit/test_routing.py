@@ -21,7 +21,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
     ], hosts=[
         ("a.multi.test", "127.0.0.10"), ("b.multi.test", "127.0.0.11"),
         ("c.multi.test", "127.0.0.12"), ("c.multi.test", "127.0.0.13"),
-        ("plain.test", "127.0.0.20"),
+        ("plain.test", "127.0.0.20"), ("dual.test", "127.0.0.21,::1"),
     ])
     server.start()
     yield server
@@ -51,6 +51,11 @@ async def test_equal_preferences_come_in_random_order(dns: Dnsmasq) -> None:
 async def test_no_mx_falls_back_to_the_address_record(dns: Dnsmasq) -> None:
     hosts = await router(dns).hosts_for("plain.test")
     assert [(h.name, h.addresses) for h in hosts] == [("plain.test", ("127.0.0.20",))]
+
+
+async def test_every_address_ipv6_first(dns: Dnsmasq) -> None:
+    hosts = await router(dns).hosts_for("dual.test")
+    assert hosts[0].addresses == ("::1", "127.0.0.21")
 
 
 @pytest.mark.parametrize(("domain", "status"), [
