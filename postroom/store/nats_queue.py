@@ -88,6 +88,8 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _ENQUEUED = "Postroom-Enqueued-At"
 _NOT_BEFORE = "Postroom-Not-Before"
 _EXPECT_LAST = "Nats-Expected-Last-Subject-Sequence"
+# How long a take with wait=0 lets the server look (it answers at once when an item is due).
+_NO_WAIT_EXPIRES = 0.05
 # A message whose due time is this close counts as due (clocks of nodes are never exact).
 _DUE_SLACK = 0.005
 
@@ -382,9 +384,11 @@ class NatsQueue:
             raise StoreError("queue take: not connected to NATS")
         request: dict[str, Any] = {"batch": 1}
         if wait <= 0:
+            # A bare no_wait pull goes unanswered (nats-server 2.9) when nothing is waiting but
+            # some items are out on lease: it then waits for them. `expires` bounds that.
             request["no_wait"] = True
-        else:
-            request["expires"] = max(1_000_000, int(wait * 1e9))
+            wait = _NO_WAIT_EXPIRES
+        request["expires"] = max(1_000_000, int(wait * 1e9))
         # An inbox of our own per pull, so concurrent takes never see each other's replies.
         inbox = nc.new_inbox()
         subscription = await nc.subscribe(inbox)

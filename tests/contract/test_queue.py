@@ -345,3 +345,23 @@ async def test_nats_nodes_with_other_settings_share_the_queue() -> None:
         await first.close()
         await second.close()
         await _remove_streams(first)
+
+
+async def test_concurrent_takers_on_two_nodes_share_the_work(make_queue: MakeQueue) -> None:
+    """Workers on two nodes (two opened queues on the same storage) each get distinct items:
+    no item is handed to two workers while its lease holds, and none is left behind."""
+    node_a, node_b = await make_queue(), await make_queue()
+    total = 120
+    await asyncio.gather(*(node_a.put(INCOMING, b"w", item_id=f"w{n:03}") for n in range(total)))
+    taken: list[str] = []
+
+    async def worker(queue: Queue) -> None:
+        while (item := await queue.take(INCOMING, lease=30.0, wait=0.3)) is not None:
+            taken.append(item.item_id)
+            assert item.attempts == 1
+            await queue.ack(item)
+
+    await asyncio.wait_for(
+        asyncio.gather(*(worker(q) for q in (node_a, node_b) for _ in range(4))), 60)
+    assert sorted(taken) == [f"w{n:03}" for n in range(total)]
+    assert await node_a.size(INCOMING) == 0
