@@ -420,12 +420,19 @@ class NatsQueue:
             return None
         raise StoreError(f"queue take: pull answered {status}")
 
-    async def _lease(self, topic: str, msg: Msg, lease: float) -> QueueItem | None:
+    async def _lease(
+        self, topic: str, msg: Msg, lease: float, look: bool | None = None
+    ) -> QueueItem | None:
         token = msg.subject.rsplit(".", 1)[-1]
         sequence = msg.metadata.sequence.stream
         headers = msg.headers or {}
         enqueued = float(headers.get(_ENQUEUED, 0.0))
-        state, revision = await self._state_get(topic, token)
+        if look is None:
+            # A first delivery has no state yet: skip the read and create it (compare-and-set
+            # on "absent"); a leftover from an earlier item with this id makes that fail, and
+            # then we read after all.
+            look = msg.metadata.num_delivered != 1
+        state, revision = await self._state_get(topic, token) if look else (None, 0)
         if state is not None and state.get("seq") != sequence:
             state = None  # left over from an earlier item with the same id
         now = time.time()
@@ -440,6 +447,8 @@ class NatsQueue:
         record = {"seq": sequence, "attempts": attempts, "not_before": until,
                   "last_error": last_error, "reply": msg.reply}
         if not await self._state_put(topic, token, record, revision):
+            if not look:
+                return await self._lease(topic, msg, lease, look=True)
             return None  # another worker took this very delivery's item first
         await self._acknowledge(msg.reply, _nak(until - now))
         return QueueItem(

@@ -365,3 +365,32 @@ async def test_concurrent_takers_on_two_nodes_share_the_work(make_queue: MakeQue
         asyncio.gather(*(worker(q) for q in (node_a, node_b) for _ in range(4))), 60)
     assert sorted(taken) == [f"w{n:03}" for n in range(total)]
     assert await node_a.size(INCOMING) == 0
+
+
+async def test_nats_leftover_item_state_is_not_taken_over() -> None:
+    """A crash between an ack and the removal of the item's state record leaves the record
+    behind; an item queued later under the same id starts afresh all the same."""
+    import json
+
+    from postroom.store.nats_queue import NatsQueue, item_token
+
+    url, prefix = require_nats(), unique_name("q")
+    queue = NatsQueue(url, stream_prefix=prefix, duplicate_window=1.0)
+    await queue.open()
+    try:
+        await queue.put(INCOMING, b"x", item_id="again")  # makes the streams
+        await queue.ack(await _take(queue))
+        js = queue._jetstream()
+        leftover = {"seq": 999, "attempts": 7, "not_before": time.time() + 3600,
+                    "last_error": "old", "reply": "nowhere"}
+        await js.publish(f"{prefix}.s.{INCOMING}.{item_token('again')}",
+                         json.dumps(leftover).encode())
+        await asyncio.sleep(1.1)  # past the duplicate window: the id may be queued anew
+        await queue.put(INCOMING, b"y", item_id="again")
+        item = await _take(queue)
+        assert (item.payload, item.attempts, item.last_error) == (b"y", 1, "")
+        await queue.ack(item)
+        assert await queue.size(INCOMING) == 0
+    finally:
+        await queue.close()
+        await _remove_streams(queue)
