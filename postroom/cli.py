@@ -293,6 +293,7 @@ async def serve(settings: Settings) -> int:
             config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
                                     lifespan="off", access_log=False, server_header=False)
             server = HttpServer(config)
+            await app.state.event_hub.start()  # the push channel's log starts now
             http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
             log.info("postroom %s serving HTTP on http://%s:%d (data in %s)", __version__, host,
                      port, settings.data_dir.resolve())
@@ -302,6 +303,7 @@ async def serve(settings: Settings) -> int:
                            return_when=asyncio.FIRST_COMPLETED)
         if server is not None:
             server.should_exit = True
+            await app.state.event_hub.stop()  # closes the WebSockets, so uvicorn can stop
         stop_task.cancel()
         for listener in listeners:
             listener.close()

@@ -202,6 +202,14 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
 
     add_search_routes(app, service)
 
+    from postroom.http.drafts_api import add_draft_routes
+    from postroom.http.events_ws import add_event_routes
+    from postroom.http.webmail import add_webmail_routes
+
+    add_draft_routes(app, service)
+    add_event_routes(app, service)
+    add_webmail_routes(app)
+
     @app.get("/v1/folders/{folder_id}/messages", response_model=MessagePage, tags=["messages"],
              response_model_by_alias=True)
     async def list_messages(
