@@ -13,8 +13,8 @@ only once Redis has confirmed the SUBSCRIBE, so every event published afterwards
 
 Losses are made visible, never silent. Pub/sub has no replay: an event published while the
 connection is down is gone. So when the subscriber connection fails, every subscription ends
-(`interrupted` is set), exactly like a slow subscriber that overflows its buffer (`overflowed`):
-the consumer resynchronises from the store (an IMAP session re-reads its folder, a WebSocket
+with `overflowed` set (and `interrupted`), exactly like a slow subscriber that overflows its
+buffer: the consumer resynchronises from the store (an IMAP session re-reads its folder, a WebSocket
 client reconnects) and subscribes again.
 """
 
@@ -46,8 +46,10 @@ class RedisSubscription:
 
     def __init__(self, bus: RedisEventBus, channel: str, queue_size: int) -> None:
         self.channel = channel
-        self.overflowed = False  # dropped for falling `queue_size` events behind
-        self.interrupted = False  # ended because the connection to Redis failed
+        # Ended having missed events: fell `queue_size` events behind, or the connection to
+        # Redis failed (then `interrupted` too). Either way: resynchronise, subscribe again.
+        self.overflowed = False
+        self.interrupted = False
         self._bus = bus
         self._limit = queue_size
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
@@ -276,7 +278,7 @@ class RedisEventBus:
                     future.exception()  # retrieved: nobody may be waiting any more
         for channel in channels.values():
             for subscription in list(channel.listeners):
-                subscription.interrupted = self._open
+                subscription.interrupted = subscription.overflowed = self._open
                 subscription._end()
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()

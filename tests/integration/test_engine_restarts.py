@@ -9,6 +9,7 @@ queue acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
@@ -154,7 +155,8 @@ async def test_redis_cache_and_events_survive_a_server_kill(redis_server: Engine
 
         redis_server.kill()
         assert await asyncio.wait_for(reader, 10) is None  # ended, not hanging
-        assert subscription.interrupted  # the subscriber knows to resynchronise
+        # The subscriber knows it missed events, as if it had fallen behind: resynchronise.
+        assert subscription.interrupted and subscription.overflowed
         with pytest.raises(StoreError):
             await cache.get("u:1:list")
         with pytest.raises(StoreError):
@@ -173,3 +175,42 @@ async def test_redis_cache_and_events_survive_a_server_kill(redis_server: Engine
     finally:
         await bus.close()
         await cache.close()
+
+
+async def test_imap_hub_resubscribes_after_redis_comes_back(redis_server: Engine) -> None:
+    """The IMAP sessions of a node keep waking for new mail across a Redis restart: the hub
+    sees its subscription end as missed events, wakes every session (they re-read their
+    folders) and subscribes again."""
+    from postroom.imap.hub import SessionHub
+    from postroom.store.redis_events import RedisEventBus
+
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    bus, publisher = RedisEventBus(url), RedisEventBus(url)
+    await bus.open()
+    await publisher.open()
+    hub = SessionHub(bus)
+    woken: asyncio.Queue[Event | None] = asyncio.Queue()
+    hub.watch("alice", "inbox", woken.put_nowait)
+    hub.start()
+    try:
+        async def deliver_until_woken(uid: int) -> Event | None:
+            # The hub subscribes in the background: publish until it hears one.
+            for _ in range(100):
+                with contextlib.suppress(StoreError):
+                    await publisher.publish(Event(MESSAGE_NEW, "alice", "inbox", uid=uid))
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(woken.get(), 0.2)
+            raise AssertionError("the hub never woke the session")
+
+        first = await deliver_until_woken(1)
+        assert first is not None and first.uid == 1
+        redis_server.kill()
+        assert await asyncio.wait_for(woken.get(), 10) is None  # "look again": events missed
+        redis_server.start()
+        again = await deliver_until_woken(2)
+        while again is None or again.uid != 2:
+            again = await asyncio.wait_for(woken.get(), 10)
+    finally:
+        await hub.stop()
+        await publisher.close()
+        await bus.close()
