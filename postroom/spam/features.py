@@ -27,7 +27,12 @@ MAX_WORDS = 3_000
 
 _WORD = re.compile(r"[^\W_]{2,24}|[$€£!]+")
 _URL = re.compile(r"(?:https?://|www\.)([a-z0-9.-]+)", re.I)
-_EMAIL = re.compile(r"[\w.+-]+@([a-z0-9.-]+\.[a-z]{2,})", re.I)
+# Addresses in body text, `[\w.+-]+@([a-z0-9.-]+\.[a-z]{2,})`, are found from each "@"
+# (`_email_domains`): that regex run over the text backtracks through every run of word
+# characters with no "@" after it, from each of its offsets: quadratic, ~6 ms of CPU for
+# 50 KB of ordinary lines and 1.5 s for 30,000 letters in a row.
+_EMAIL_LOCAL_END = re.compile(r"[\w.+-]", re.I)
+_EMAIL_DOMAIN = re.compile(r"[a-z0-9.-]+\.[a-z]{2,}", re.I)
 _ADDR = re.compile(r"<?([^<>\s@]+@[^<>\s@]+?)>?\s*$")
 _IPV4 = re.compile(r"\[?(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\]?")
 _RCV_BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
@@ -82,6 +87,22 @@ def _address(value: str) -> tuple[str, str]:
     addr = match.group(1).lower().strip("<>\"' ")
     name = value[: match.start()].strip().strip('"').strip()
     return name, addr
+
+
+def _email_domains(text: str) -> list[str]:
+    """The domains `finditer` of `[\\w.+-]+@([a-z0-9.-]+\\.[a-z]{2,})` yields, in linear time."""
+    out: list[str] = []
+    end = 0  # where the last match ended: the next local part starts at or after it
+    at = text.find("@", 1)
+    while at >= 0:
+        if at > end and _EMAIL_LOCAL_END.match(text, at - 1) \
+                and (match := _EMAIL_DOMAIN.match(text, at + 1)):
+            out.append(match.group())
+            end = match.end()
+            at = text.find("@", end)
+        else:
+            at = text.find("@", at + 1)
+    return out
 
 
 def _words(text: str, prefix: str, out: set[str], limit: int = MAX_WORDS,
@@ -284,8 +305,8 @@ def extract(parsed: ParsedMessage) -> set[str]:
     out.add(f"b:caps{_caps_ratio(text)}")
     for match in _URL.finditer(text):
         out.add("u:" + _domain_tail(match.group(1)))
-    for match in _EMAIL.finditer(lowered[:MAX_TEXT]):
-        out.add("be:" + _domain_tail(match.group(1)))
+    for domain in _email_domains(lowered[:MAX_TEXT]):
+        out.add("be:" + _domain_tail(domain))
     if ">" in text:
         quoted = sum(1 for line in text.splitlines() if line.startswith(">"))
         if quoted:
