@@ -796,6 +796,108 @@ class MailService:
         return await narrow_candidates(self.search_index, user, folder_id, criterion,
                                        message_ids)
 
+    # ---------------------------------------------------------------------------- IMAP support
+
+    async def find_folder(self, user: User, name: str) -> Folder | None:
+        """The user's folder with exactly this name (INBOX in any case); None if none."""
+        try:
+            clean = normalize_folder_name(name)
+        except FolderNameError:
+            return None
+        return await self.metadata.get_folder_by_name(user.user_id, clean)
+
+    async def folders(self, user: User) -> list[Folder]:
+        """The user's folders by name, without counting their messages (IMAP LIST)."""
+        return await self.metadata.list_folders(user.user_id)
+
+    async def folder_messages(
+        self, user: User, folder_id: str
+    ) -> tuple[Folder, list[MessageRecord]]:
+        """A folder and every record in it, in uid order (IMAP SELECT and resynchronising).
+
+        The records are read first, so the folder's highestmodseq is never below theirs.
+        """
+        records = await self.metadata.list_uids(user.user_id, folder_id)
+        folder = await self.metadata.get_folder(user.user_id, folder_id)
+        if folder is None:
+            raise NotFoundError("no such folder")
+        return folder, records
+
+    async def folder_status(self, user: User, folder_id: str) -> tuple[Folder, FolderCounts]:
+        """A folder with its message and unseen counts (IMAP STATUS)."""
+        folder = await self.metadata.get_folder(user.user_id, folder_id)
+        if folder is None:
+            raise NotFoundError("no such folder")
+        counts = await self.metadata.folder_counts(user.user_id)
+        return folder, counts.get(folder_id, FolderCounts(0, 0))
+
+    async def store_flags(
+        self,
+        user: User,
+        message_ids: Sequence[str],
+        *,
+        add: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        replace: Sequence[str] | None = None,
+        unchanged_since: int | None = None,
+    ) -> tuple[list[MessageRecord], list[str]]:
+        """Change flags as set_flags does, optionally only where modseq <= unchanged_since.
+
+        Returns the changed records and the ids left alone because they were modified after
+        unchanged_since (CONDSTORE's MODIFIED response code, RFC 7162 §3.1.3).
+        """
+        try:
+            add_flags = Flags.parse(list(add)) if add else None
+            remove_flags = Flags.parse(list(remove)) if remove else None
+            replace_flags = Flags.parse(list(replace)) if replace is not None else None
+        except FlagError as exc:
+            raise InvalidInput(str(exc)) from None
+        changed = await self.metadata.store_flags(
+            user.user_id, message_ids, add=add_flags, remove=remove_flags,
+            replace=replace_flags, unchanged_since=unchanged_since,
+        )
+        if changed and self.indexer is not None:
+            await self.indexer.changed(changed)
+        modified: list[str] = []
+        if unchanged_since is not None:
+            done = {r.message_id for r in changed}
+            rest = [m for m in message_ids if m not in done]
+            for record in await self.metadata.get_messages(user.user_id, rest) if rest else []:
+                if record.modseq > unchanged_since:
+                    modified.append(record.message_id)
+        if changed:
+            await self._changed(user.user_id)
+        for record in changed:
+            await self._publish(Event(MESSAGE_FLAGS, user.user_id, record.folder_id, record.uid,
+                                      record.modseq, record.message_id,
+                                      {"flags": record.flags.names()}))
+        return changed, modified
+
+    async def copy_mapped(
+        self, user: User, message_ids: Sequence[str], folder_id: str
+    ) -> list[tuple[MessageRecord, MessageRecord]]:
+        """Copy into a folder; (source, copy) pairs for IMAP's COPYUID (RFC 4315).
+
+        The store copies the records it finds in the order given, so the pairs line up with
+        the sources read just before; if a source vanished meanwhile, the pairs are matched
+        by blob and date instead.
+        """
+        sources = await self.metadata.get_messages(user.user_id, list(message_ids))
+        copies = await self.copy(user, [s.message_id for s in sources], folder_id)
+        if len(copies) == len(sources) and all(
+            s.blob_hash == c.blob_hash for s, c in zip(sources, copies, strict=True)
+        ):
+            return list(zip(sources, copies, strict=True))
+        pairs: list[tuple[MessageRecord, MessageRecord]] = []
+        pool = list(sources)
+        for copy in copies:
+            for i, source in enumerate(pool):
+                if (source.blob_hash, source.internal_date) == (copy.blob_hash,
+                                                                copy.internal_date):
+                    pairs.append((pool.pop(i), copy))
+                    break
+        return pairs
+
     # ------------------------------------------------------------------------------ delivery
 
     async def deliver(

@@ -23,7 +23,7 @@ from postroom.store.events import MESSAGE_MOVED, Event, EventBus
 
 log = logging.getLogger(__name__)
 
-Waker = Callable[[], None]
+Waker = Callable[[Event | None], None]
 
 
 class SessionHub:
@@ -75,12 +75,12 @@ class SessionHub:
                 folders.append(source)
         for folder_id in folders:
             for wake in list(self._watchers.get((event.user_id, folder_id), ())):
-                wake()
+                wake(event)
 
     def wake_all(self) -> None:
         for wakers in list(self._watchers.values()):
             for wake in list(wakers):
-                wake()
+                wake(None)
 
     def watch(self, user_id: str, folder_id: str, wake: Waker) -> None:
         self._watchers.setdefault((user_id, folder_id), set()).add(wake)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from postroom.core.models import Folder, MessageRecord
 from postroom.imap.parser import SequenceSet, resolve
 from postroom.imap.response import flag_list
+from postroom.store.events import MESSAGE_DELETED, MESSAGE_FLAGS, MESSAGE_MOVED, MESSAGE_NEW, Event
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class Selected:
     gone: set[int] = field(default_factory=set)  # expunged elsewhere, not yet reported
     highestmodseq: int = 0
     dirty: bool = False
+    full_resync: bool = False  # events were missed: re-read the folder
+    pending: list[Event] = field(default_factory=list)  # events not yet applied
 
     @property
     def exists(self) -> int:
@@ -92,15 +95,7 @@ class Selected:
             if uid not in current:
                 self.gone.add(uid)
         if allow_expunge and self.gone:
-            for uid in sorted(self.gone, reverse=True):
-                msn = self.msn_of(uid)
-                if msn is None:
-                    continue
-                out.append(b"* %d EXPUNGE" % msn)
-                del self.uids[msn - 1]
-                self.records.pop(uid, None)
-                self.recent.discard(uid)
-            self.gone.clear()
+            out.extend(self.report_gone())
         top = self.max_uid
         new = [r for r in records if r.uid > top]
         stray = [r.uid for r in records if r.uid < top and r.uid not in self.records]
@@ -126,6 +121,51 @@ class Selected:
         self.folder = folder
         self.highestmodseq = max(self.highestmodseq, folder.highestmodseq)
         self.dirty = False
+        return out
+
+    def already_known(self, event: Event) -> bool:
+        """True when the event reports what this session already shows (its own change)."""
+        here = self.folder.folder_id
+        if event.type == MESSAGE_FLAGS and event.folder_id == here:
+            record = self.records.get(event.uid)
+            return record is not None and record.modseq >= event.modseq
+        if event.type in (MESSAGE_NEW, MESSAGE_MOVED) and event.folder_id == here:
+            return event.uid <= self.max_uid and (event.type == MESSAGE_NEW
+                                                  or event.data.get("from_folder_id") != here)
+        if event.type == MESSAGE_MOVED and event.data.get("from_folder_id") == here:
+            uid = event.data.get("from_uid")
+            return isinstance(uid, int) and (self.msn_of(uid) is None or uid in self.gone)
+        if event.type == MESSAGE_DELETED and event.folder_id == here:
+            return self.msn_of(event.uid) is None or event.uid in self.gone
+        return False
+
+    def add_own(self, record: MessageRecord, recent: bool) -> list[bytes]:
+        """A message this session filed itself; announced at once when no uid was skipped."""
+        if record.uid != self.folder.uidnext or record.uid <= self.max_uid:
+            self.dirty = True
+            return []
+        self.uids.append(record.uid)
+        self.records[record.uid] = record
+        if recent:
+            self.recent.add(record.uid)
+        from dataclasses import replace
+
+        self.folder = replace(self.folder, uidnext=record.uid + 1)
+        self.highestmodseq = max(self.highestmodseq, record.modseq)
+        return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
+
+    def report_gone(self) -> list[bytes]:
+        """EXPUNGE responses for the removed messages not yet reported, highest first."""
+        out: list[bytes] = []
+        for uid in sorted(self.gone, reverse=True):
+            msn = self.msn_of(uid)
+            if msn is None:
+                continue
+            out.append(b"* %d EXPUNGE" % msn)
+            del self.uids[msn - 1]
+            self.records.pop(uid, None)
+            self.recent.discard(uid)
+        self.gone.clear()
         return out
 
     def flags_response(self, uid: int, condstore: bool, with_uid: bool) -> bytes:

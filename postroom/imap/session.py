@@ -16,11 +16,20 @@ import ipaddress
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from postroom import __version__
-from postroom.core.models import Flag, Folder, FolderRole, MessageRecord, User
+from postroom.core.models import (
+    Flag,
+    FlagError,
+    Flags,
+    Folder,
+    FolderRole,
+    MessageRecord,
+    User,
+)
 from postroom.imap import fetch as fetchmod
 from postroom.imap import mime
 from postroom.imap.hub import SessionHub
@@ -55,6 +64,13 @@ from postroom.service import (
     MailService,
     NotFoundError,
     TooManyAttempts,
+)
+from postroom.store.events import (
+    MESSAGE_DELETED,
+    MESSAGE_FLAGS,
+    MESSAGE_MOVED,
+    MESSAGE_NEW,
+    Event,
 )
 
 log = logging.getLogger(__name__)
@@ -321,27 +337,96 @@ class ImapSession:
         await self.send(f"{tag} {done}".encode())
 
     async def updates(self, allow_expunge: bool, force: bool = False) -> None:
-        """Untagged EXPUNGE/EXISTS/FETCH for changes made elsewhere (when something changed)."""
+        """Untagged EXPUNGE/EXISTS/FETCH for changes made elsewhere.
+
+        Changes reported by the event bus are applied from the events themselves (a new
+        message costs one point read, shared by every session through the record cache);
+        a forced check (NOOP, CHECK) compares the folder's uidnext and highestmodseq and
+        re-reads the folder only when they moved without an event (another process wrote).
+        """
         selected = self.selected
         if selected is None or self.user is None:
             return
-        if not (selected.dirty or force):
+        user = self.user
+        here = selected.folder.folder_id
+        if force and not selected.dirty:
+            try:
+                folder = await self.service.get_folder(user, here)
+            except NotFoundError:
+                self.emit(b"* BYE the selected mailbox was deleted")
+                self.state = State.LOGOUT
+                return
+            if folder.highestmodseq <= selected.highestmodseq \
+                    and folder.uidnext <= selected.folder.uidnext:
+                if allow_expunge and selected.gone:
+                    for line in selected.report_gone():
+                        self.emit(line)
+                return
+            selected.full_resync = True
+        elif not selected.dirty:
+            if allow_expunge and selected.gone:
+                for line in selected.report_gone():
+                    self.emit(line)
             return
         selected.dirty = False
-        try:
-            folder, records = await self.service.folder_messages(
-                self.user, selected.folder.folder_id)
-        except NotFoundError:
-            self.emit(b"* BYE the selected mailbox was deleted")
-            self.state = State.LOGOUT
-            return
-        if force and not selected.dirty and folder.highestmodseq == selected.highestmodseq \
-                and folder.uidnext == selected.folder.uidnext and not selected.gone:
-            return
+        events, selected.pending = selected.pending, []
+        records: list[MessageRecord] | None = None
+        folder = selected.folder
+        if not selected.full_resync:
+            records = await self._apply_events(selected, events)
+            if records is not None:
+                top_uid = max([folder.uidnext - 1, *(r.uid for r in records)])
+                top_modseq = max([selected.highestmodseq, *(e.modseq for e in events)])
+                folder = replace(folder, uidnext=top_uid + 1, highestmodseq=top_modseq)
+        if records is None:
+            selected.full_resync = False
+            try:
+                folder, records = await self.service.folder_messages(user, here)
+            except NotFoundError:
+                self.emit(b"* BYE the selected mailbox was deleted")
+                self.state = State.LOGOUT
+                return
+            records = [_intern(r) for r in records]
         claim = self._claim(selected, [r.uid for r in records if r.uid > selected.max_uid])
         for line in selected.sync(folder, records, allow_expunge=allow_expunge, claim=claim,
                                   condstore=self.condstore):
             self.emit(line)
+
+    async def _apply_events(self, selected: Selected, events: list[Event]
+                            ) -> list[MessageRecord] | None:
+        """The folder's records after `events`, from the session's map; None: re-read."""
+        user = self._user()
+        here = selected.folder.folder_id
+        current = {u: r for u, r in selected.records.items() if u not in selected.gone}
+        for event in events:
+            moved_from = event.data.get("from_folder_id") if event.type == MESSAGE_MOVED else None
+            if event.type == MESSAGE_FLAGS and event.folder_id == here:
+                record = current.get(event.uid)
+                names = event.data.get("flags")
+                if record is not None and event.modseq > record.modseq \
+                        and isinstance(names, list):
+                    try:
+                        flags = Flags.parse(names)
+                    except FlagError:
+                        return None
+                    current[event.uid] = replace(record, flags=flags, modseq=event.modseq)
+            elif event.type in (MESSAGE_NEW, MESSAGE_MOVED) and event.folder_id == here:
+                if event.uid in current:
+                    continue
+                record = await _record_for(self.service, user, event)
+                if record is None or record.folder_id != here:
+                    continue  # moved on or gone already: its own event follows
+                current[record.uid] = record
+            elif event.type == MESSAGE_DELETED and event.folder_id == here:
+                current.pop(event.uid, None)
+            elif moved_from == here:
+                uid = event.data.get("from_uid")
+                if isinstance(uid, int):
+                    current.pop(uid, None)
+            elif event.type not in (MESSAGE_NEW, MESSAGE_MOVED, MESSAGE_FLAGS,
+                                    MESSAGE_DELETED):
+                return None  # folder renamed or deleted, or something new: re-read
+        return sorted(current.values(), key=lambda r: r.uid)
 
     def _claim(self, selected: Selected, uids: list[int]) -> set[int]:
         assert self.user is not None
@@ -356,9 +441,20 @@ class ImapSession:
         if self.state is State.SELECTED:
             self.state = State.AUTHENTICATED
 
-    def _on_event(self) -> None:
-        if self.selected is not None:
-            self.selected.dirty = True
+    def _on_event(self, event: Event | None) -> None:
+        selected = self.selected
+        if selected is None:
+            return
+        if event is None:
+            selected.full_resync = True
+        elif selected.already_known(event):
+            return
+        else:
+            selected.pending.append(event)
+            if len(selected.pending) > 1000:
+                selected.pending.clear()
+                selected.full_resync = True
+        selected.dirty = True
         self.wake.set()
 
     # -------------------------------------------------------------------- any state commands
@@ -533,6 +629,7 @@ class ImapSession:
         user = self._user()
         folder = await self._folder(name)
         folder, records = await self.service.folder_messages(user, folder.folder_id)
+        records = [_intern(r) for r in records]
         selected = Selected(folder, readonly)
         uids = [r.uid for r in records]
         recent = (self.hub.unclaimed(user.user_id, folder.folder_id, uids) if readonly
@@ -677,7 +774,7 @@ class ImapSession:
             # RFC 3501 §6.3.8: the hierarchy delimiter and the root of the reference
             self.emit(f'* {word} (\\Noselect) "/" ""'.encode())
             return f"OK {word} completed"
-        folders = [f for f, _ in await self.service.list_folders(self._user())]
+        folders = await self.service.folders(self._user())
         names = {f.name for f in folders}
         only_subscribed = lsub or "SUBSCRIBED" in selection
         only_special = "SPECIAL-USE" in selection
@@ -768,8 +865,12 @@ class ImapSession:
             record = await self.service.append(self._user(), folder.folder_id, data, flags, when)
         except InvalidInput as exc:
             raise _no(str(exc), "CANNOT") from None
-        if self.selected is not None and self.selected.folder.folder_id == folder.folder_id:
-            self.selected.dirty = True
+        selected = self.selected
+        if selected is not None and selected.folder.folder_id == folder.folder_id:
+            recent = bool(self.hub.claim_recent(self._user().user_id, folder.folder_id,
+                                                [record.uid])) and not selected.readonly
+            for line in selected.add_own(record, recent):
+                self.emit(line)
         return f"OK [APPENDUID {folder.uidvalidity} {record.uid}] APPEND completed"
 
     async def cmd_idle(self, tag: str, cur: Cursor, uid: bool) -> str:
@@ -847,13 +948,17 @@ class ImapSession:
         selected = self._sel()
         if selected.readonly:
             raise _no("the mailbox is read-only", "READ-ONLY")
-        await self.updates(True, force=True)  # act on the flags as they stand now
+        # the map is current: events from other sessions mark it dirty and are applied first
+        await self.updates(True)
         deleted = [r.message_id for u, r in selected.records.items()
                    if Flag.DELETED in r.flags and u not in selected.gone
                    and (wanted is None or u in wanted)]
         if deleted:
-            await self.service.expunge(self._user(), deleted)
-            selected.dirty = True
+            removed = await self.service.expunge(self._user(), deleted)
+            here = selected.folder.folder_id
+            selected.gone |= {g.uid for g in removed if g.folder_id == here}
+            for line in selected.report_gone():
+                self.emit(line)
         await self.updates(True)
         return "OK EXPUNGE completed"
 
@@ -1032,8 +1137,13 @@ class ImapSession:
         if move:
             if code:
                 self.emit(f"* OK [{code}] moved".encode())
-            selected.dirty = True
+            if target.folder_id != selected.folder.folder_id:
+                selected.gone |= {s for s, _ in pairs}
+            else:
+                selected.dirty = True
             await self.updates(True)
+            for line in selected.report_gone():
+                self.emit(line)
             return f"OK {'UID ' if uid else ''}MOVE completed"
         if target.folder_id == selected.folder.folder_id:
             selected.dirty = True
@@ -1118,6 +1228,39 @@ class ImapSession:
                 c.raw = None
                 c.part = None
         return matched
+
+
+# Records shared by the sessions of this process: many connections of one user (a phone, a
+# laptop, a dozen IDLE folders) hold the same objects instead of a copy each, and a new
+# message announced to all of them is read from the store once.
+_RECORDS: OrderedDict[tuple[str, str], MessageRecord] = OrderedDict()
+_RECORDS_MAX = 200_000
+
+
+def _intern(record: MessageRecord) -> MessageRecord:
+    key = (record.user_id, record.message_id)
+    cached = _RECORDS.get(key)
+    if cached is not None and cached.modseq == record.modseq and cached.uid == record.uid \
+            and cached.folder_id == record.folder_id and cached.flags == record.flags:
+        return cached
+    _RECORDS[key] = record
+    _RECORDS.move_to_end(key)
+    if len(_RECORDS) > _RECORDS_MAX:
+        _RECORDS.popitem(last=False)
+    return record
+
+
+async def _record_for(service: MailService, user: User, event: Event) -> MessageRecord | None:
+    """The record a new-message event names, from the cache when it is that very version."""
+    cached = _RECORDS.get((user.user_id, event.message_id))
+    if cached is not None and cached.uid == event.uid and cached.folder_id == event.folder_id:
+        return cached
+    message_id = event.message_id
+    try:
+        record = await service.get_message(user, message_id)
+    except NotFoundError:
+        return None
+    return _intern(record)
 
 
 class _DoneSignal(Exception):

@@ -5,9 +5,10 @@ folder, flags, date and size, so a query never needs the metadata store):
 
 - `words` (unicode61, diacritics removed): header fields, body text and attachment names as
   words, for the query language and bm25 relevance; its stored body feeds the snippets.
-- `grams` (trigram): the exact casefolded texts IMAP SEARCH compares against, so a substring
-  key becomes a trigram phrase query that narrows the candidates (RFC 3501 substring semantics
-  are then checked by IMAP itself).
+- `grams_h`, `grams_b` (trigram, headers and body): the exact casefolded texts IMAP SEARCH
+  compares against. A substring key becomes "every trigram of the needle is in the text", a
+  superset of the true matches (positions are not stored, `detail=none`, which keeps these
+  tables small and fast to write); IMAP then applies RFC 3501 to that superset itself.
 
 Scoping by user is structural: each user gets a number `n` and every document id of theirs lies
 in [n << 32, (n + 1) << 32), so every full-text query carries `rowid BETWEEN` on the user's
@@ -22,6 +23,7 @@ The index can always be rebuilt from the mail, so commits do not fsync (synchron
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import threading
@@ -53,6 +55,7 @@ from postroom.store.search import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
 READER_THREADS = 2
@@ -86,8 +89,17 @@ CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5(
     f_from, f_to, f_cc, f_bcc, f_subject, f_body, f_filename,
     tokenize = 'unicode61 remove_diacritics 2'
 );
-CREATE VIRTUAL TABLE IF NOT EXISTS grams USING fts5(headers, body, tokenize = 'trigram');
+CREATE VIRTUAL TABLE IF NOT EXISTS grams_h USING fts5(
+    text, tokenize = 'trigram', detail = 'none'
+);
+CREATE VIRTUAL TABLE IF NOT EXISTS grams_b USING fts5(
+    text, tokenize = 'trigram', detail = 'none'
+);
 """
+SCHEMA_VERSION = 2
+_TABLES = ("docs", "search_users", "words", "grams", "grams_h", "grams_b")
+_GRAMS = {"headers": "grams_h", "body": "grams_b"}
+_MAX_TRIGRAMS = 24  # trigrams of one needle looked up; any subset still gives a superset
 
 _COLUMN = {"from": "f_from", "to": "f_to", "cc": "f_cc", "bcc": "f_bcc",
            "subject": "f_subject", "body": "f_body", "filename": "f_filename"}
@@ -202,13 +214,18 @@ class _Compiler:
             pieces = [p for p in _LINE_BREAK.split(node.needle) if len(p) >= 3]
             if not pieces:
                 return None  # under three characters: a trigram cannot narrow it
-            columns = ("headers", "body") if node.where == "text" else (node.where,)
-            expr = " OR ".join(
-                "(" + " AND ".join(f"{col} : {_quote(_text(p))}" for p in pieces) + ")"
-                for col in columns)
-            self.params += [expr, self.lo, self.hi]
-            return ("(d.partial = 1 OR d.id IN (SELECT rowid FROM grams WHERE grams MATCH ?"
-                    " AND rowid BETWEEN ? AND ?))")
+            grams = sorted({_text(p[i : i + 3]) for p in pieces for i in range(len(p) - 2)})
+            if len(grams) > _MAX_TRIGRAMS:
+                step = len(grams) / _MAX_TRIGRAMS
+                grams = [grams[int(i * step)] for i in range(_MAX_TRIGRAMS)]
+            expr = " AND ".join(_quote(g) for g in grams)
+            tables = ("headers", "body") if node.where == "text" else (node.where,)
+            parts = []
+            for table in tables:
+                self.params += [expr, self.lo, self.hi]
+                parts.append(f"d.id IN (SELECT rowid FROM {_GRAMS[table]} WHERE "
+                             f"{_GRAMS[table]} MATCH ? AND rowid BETWEEN ? AND ?)")
+            return "(d.partial = 1 OR " + " OR ".join(parts) + ")"
         if isinstance(node, AllOf):
             parts = [p for p in (self.criterion(c) for c in node.children) if p is not None]
             return "(" + " AND ".join(parts) + ")" if parts else None
@@ -282,7 +299,25 @@ class SqliteSearchIndex:
         def setup() -> None:
             conn = self._connect()
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                exists = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'docs'"
+                                      ).fetchone()[0]
+                if exists and version != SCHEMA_VERSION:
+                    # an index is derived data: rebuild it rather than migrate it
+                    log.warning("search index %s has format %s, not %s: emptied; run "
+                                "`postroom search reindex`", self.path, version, SCHEMA_VERSION)
+                    for table in _TABLES:
+                        conn.execute(f"DROP TABLE IF EXISTS {table}")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             self._write_conn = conn
 
         await asyncio.get_running_loop().run_in_executor(self._writer, setup)
@@ -329,7 +364,7 @@ class SqliteSearchIndex:
 
     @staticmethod
     def _delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
-        for table in ("words", "grams"):
+        for table in ("words", "grams_h", "grams_b"):
             conn.executemany(f"DELETE FROM {table} WHERE rowid = ?", [(i,) for i in ids])
         conn.executemany("DELETE FROM docs WHERE id = ?", [(i,) for i in ids])
 
@@ -365,9 +400,10 @@ class SqliteSearchIndex:
                     "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (doc_id, _text(doc.from_), _text(doc.to), _text(doc.cc), _text(doc.bcc),
                      _text(doc.subject), _text(doc.body), _text(doc.filenames)))
-                conn.execute("INSERT INTO grams (rowid, headers, body) VALUES (?, ?, ?)",
-                             (doc_id, _text(headers[:MAX_IMAP_TEXT]),
-                              _text(body[:MAX_IMAP_TEXT])))
+                conn.execute("INSERT INTO grams_h (rowid, text) VALUES (?, ?)",
+                             (doc_id, _text(headers[:MAX_IMAP_TEXT])))
+                conn.execute("INSERT INTO grams_b (rowid, text) VALUES (?, ?)",
+                             (doc_id, _text(body[:MAX_IMAP_TEXT])))
 
         await self._write(run)
 
@@ -389,8 +425,9 @@ class SqliteSearchIndex:
                 "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
                 "f_filename) SELECT ?, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
                 "f_filename FROM words WHERE rowid = ?", (doc_id, src[0]))
-            conn.execute("INSERT INTO grams (rowid, headers, body) SELECT ?, headers, body "
-                         "FROM grams WHERE rowid = ?", (doc_id, src[0]))
+            for table in ("grams_h", "grams_b"):
+                conn.execute(f"INSERT INTO {table} (rowid, text) SELECT ?, text FROM {table} "
+                             "WHERE rowid = ?", (doc_id, src[0]))
             return True
 
         return await self._write(run)
@@ -429,7 +466,7 @@ class SqliteSearchIndex:
             if n is None:
                 return
             lo, hi = self._range_of(n)
-            for table in ("words", "grams"):
+            for table in ("words", "grams_h", "grams_b"):
                 conn.execute(f"DELETE FROM {table} WHERE rowid BETWEEN ? AND ?", (lo, hi))
             conn.execute("DELETE FROM docs WHERE user_id = ?", (user_id,))
 

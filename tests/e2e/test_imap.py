@@ -414,7 +414,10 @@ def test_idle_is_woken_by_an_smtp_delivery(server: ServerProcess) -> None:
         smtp.sendmail("carol@example.org", [BOB], message("wake up"))
     sent = time.monotonic()
     raw.sock.settimeout(30)
-    line = raw.line()
+    try:
+        line = raw.line()
+    except TimeoutError:
+        raise AssertionError(f"IDLE was not woken:\n{server.log()[-3000:]}") from None
     woke = time.monotonic() - sent
     assert line == b"* %d EXISTS" % (exists + 1), line
     assert raw.line() == b"* 1 RECENT" or True
