@@ -206,6 +206,8 @@ class DeliverySettings(BaseModel):
     smarthost_tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
     smarthost_username: str = ""
     smarthost_password: str = ""
+    # The local IP outbound mail leaves from (a dedicated sending address); empty: the default.
+    source_address: str = ""
 
     @field_validator("schedule", mode="before")
     @classmethod

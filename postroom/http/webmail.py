@@ -9,6 +9,8 @@ The mail itself is shown in a sandboxed iframe without scripts (see webmail/read
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 
@@ -27,13 +29,18 @@ _TYPES = {
     ".ico": "image/x-icon",
     ".json": "application/json",
 }
+# The reading pane's iframe inlines frame.css; the page's CSP (which a srcdoc frame inherits)
+# allows that exact text by its hash and no other inline style.
+_FRAME_CSS_HASH = "'sha256-{}'".format(base64.b64encode(hashlib.sha256(
+    (WEBMAIL_DIR / "frame.css").read_bytes()).digest()).decode())
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
 def security_headers(request: Request) -> dict[str, str]:
     host = request.headers.get("host", "")
     sockets = f" ws://{host} wss://{host}" if _HOST.match(host) else ""
-    csp = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:;"
+    csp = ("default-src 'none'; script-src 'self';"
+           f" style-src 'self' {_FRAME_CSS_HASH}; img-src 'self' data: blob:;"
            f" connect-src 'self'{sockets}; frame-src 'self'; child-src 'self'; font-src 'self';"
            " base-uri 'none'; form-action 'none'; object-src 'none'; frame-ancestors 'none';"
            " manifest-src 'self'")

@@ -368,7 +368,8 @@ class OutboundDelivery:
         config = self.config
         args: dict[str, Any] = dict(
             helo=self.hostname, server_name=name, connect_timeout=config.connect_timeout,
-            command_timeout=config.command_timeout, data_timeout=config.data_timeout)
+            command_timeout=config.command_timeout, data_timeout=config.data_timeout,
+            source_address=config.source_address)
         try:
             client = await SmtpClient.connect(address, destination.port, tls=destination.tls,
                                               **args)

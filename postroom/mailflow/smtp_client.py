@@ -150,15 +150,23 @@ class SmtpClient:
         command_timeout: float = 300.0,
         data_timeout: float = 600.0,
         tls_context: ssl.SSLContext | None = None,
+        source_address: str = "",
     ) -> SmtpClient:
-        """Connect, read the greeting, EHLO, and STARTTLS if offered (or required)."""
+        """Connect, read the greeting, EHLO, and STARTTLS if offered (or required).
+
+        `source_address` binds the local end (`[delivery] source_address`) when it is of the
+        destination's address family; mail to the other family leaves from the default.
+        """
         context = tls_context or insecure_context()
+        local = (source_address, 0) if source_address and (":" in source_address) == (
+            ":" in address) else None
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
                     address, port,
                     ssl=context if tls == "implicit" else None,
-                    server_hostname=(server_name or address) if tls == "implicit" else None),
+                    server_hostname=(server_name or address) if tls == "implicit" else None,
+                    local_addr=local),
                 connect_timeout)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             raise SmtpError(f"cannot connect to {address} port {port}: "
