@@ -35,7 +35,6 @@ from postroom.service import (
     AuthFailed,
     MailService,
     NotFoundError,
-    ServiceError,
     TooManyAttempts,
 )
 
@@ -486,7 +485,7 @@ class Pop3Session:
             if deleted:
                 await self.service.remove_from_folder(
                     drop.user, drop.folder_id, deleted, to_trash=self.delete_action == "trash")
-        except (ServiceError, Exception):
+        except Exception:  # ServiceError or an engine failure: report, keep the mail
             log.exception("pop3 UPDATE failed for %s", drop.user.address)
             await self.reply("-ERR [SYS/TEMP] some deleted messages were not removed")
             return
