@@ -172,7 +172,7 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
 
 def _unescape_8bit(value: str) -> str:
     """Header text from BytesParser keeps raw 8-bit bytes as surrogate escapes: decode them."""
-    if not _SURROGATE_RUN.search(value):
+    if value.isascii() or not _SURROGATE_RUN.search(value):  # isascii: one C pass, no regex
         return value
     return _SURROGATE_RUN.sub(
         lambda m: _decode_8bit(bytes(ord(c) - 0xDC00 for c in m.group())), value
@@ -182,6 +182,8 @@ def _unescape_8bit(value: str) -> str:
 def _clean(value: str) -> str:
     """Make a string safe to store anywhere: no surrogates (invalid in UTF-8), no NULs
     (PostgreSQL text refuses them)."""
+    if value.isascii():  # nothing to unescape or replace: the usual case, and the cheap one
+        return value.replace("\x00", "") if "\x00" in value else value
     value = _unescape_8bit(value)
     if _LONE_SURROGATE.search(value):
         value = _LONE_SURROGATE.sub("\ufffd", value)
