@@ -22,6 +22,7 @@ from typing import Literal
 
 from postroom.core.models import MessageRecord, User
 from postroom.pop3.locks import MaildropLocks
+from postroom.pop3.sizes import SIZES
 from postroom.pop3.wire import (
     Command,
     CommandError,
@@ -352,11 +353,17 @@ class Pop3Session:
         limit = asyncio.Semaphore(SIZE_READS)
 
         async def size_of(i: int) -> None:
+            known = SIZES.get(records[i].blob_hash)
+            if known is not None:
+                sizes[i] = known
+                return
             async with limit:
                 try:
                     sizes[i] = crlf_size(await self.service.record_bytes(user, records[i]))
                 except NotFoundError:  # expunged meanwhile: shown, but RETR will say so
                     sizes[i] = records[i].size
+                    return
+            SIZES.put(records[i].blob_hash, sizes[i])
 
         await asyncio.gather(*(size_of(i) for i in range(len(records))))
         return Maildrop(user, snapshot.folder.folder_id, records, sizes)

@@ -81,3 +81,14 @@ def test_parse_command() -> None:
     for bad in (b"", b" ", b"RETRIEVE 1", b"R3TR 1", b"\xff\xfe", b"LIST\x00"):
         with pytest.raises(CommandError):
             parse_command(bad)
+
+
+def test_crlf_sizes_memo_is_bounded_lru() -> None:
+    from postroom.pop3.sizes import CrlfSizes
+
+    memo = CrlfSizes(max_entries=2)
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.get("a") == 1  # a is now the most recent
+    memo.put("c", 3)
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == (1, None, 3)
