@@ -6,6 +6,7 @@ and accents folded, so "resume" highlights "Résumé". Everything else is HTML-e
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
@@ -14,9 +15,12 @@ from collections.abc import Sequence
 WORD = re.compile(r"[^\W_]+")
 SNIPPET_CHARS = 200
 _LEAD_WORDS = 6  # context shown before the first match
+SCAN_CHARS = 20_000
 
 
 def fold(word: str) -> str:
+    if word.isascii():
+        return word.lower()
     decomposed = unicodedata.normalize("NFKD", word)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
@@ -25,25 +29,43 @@ def term_words(text: str) -> tuple[str, ...]:
     return tuple(fold(m.group()) for m in WORD.finditer(text))
 
 
+@functools.lru_cache(maxsize=4096)
+def _fold_char(c: str) -> str:
+    folded = fold(c)
+    return folded[0] if folded else c
+
+
+def _folded(text: str) -> str:
+    """The text folded as words are, keeping every character at its place."""
+    if text.isascii():
+        return text.lower()
+    return "".join(_fold_char(c) for c in text)
+
+
 def highlight(text: str, phrases: Sequence[tuple[str, ...]],
               length: int = SNIPPET_CHARS) -> str:
     """About `length` characters of `text` around the first match of any phrase, escaped,
-    with every match in it wrapped in <mark>; the start of the text when nothing matches."""
-    words = list(WORD.finditer(text[:200_000]))
-    folded = [fold(m.group()) for m in words]
+    with every match in it wrapped in <mark>; the start of the text when nothing matches.
+
+    Only the first SCAN_CHARS characters are looked at: a snippet shows where a message
+    starts to match, and this runs for every result of every page.
+    """
+    wanted = sorted({p for p in phrases if p}, key=len, reverse=True)
     spans: list[tuple[int, int]] = []  # character spans of matches
-    wanted = [p for p in phrases if p]
-    for i in range(len(folded)):
-        for phrase in wanted:
-            n = len(phrase)
-            if tuple(folded[i : i + n]) == phrase:
-                spans.append((words[i].start(), words[i + n - 1].end()))
-                break
-    if spans:
-        first = next(i for i, m in enumerate(words) if m.start() == spans[0][0])
-        start = words[max(0, first - _LEAD_WORDS)].start()
-    else:
-        start = 0
+    if wanted:
+        pattern = re.compile("|".join(
+            r"[\W_]+".join(re.escape(w) for w in phrase) for phrase in wanted))
+        folded = _folded(text[:SCAN_CHARS])
+        # whole words only (checked here: a leading look-behind would stop the regex
+        # engine from scanning for the literal prefix, several times slower)
+        spans = [m.span() for m in pattern.finditer(folded)
+                 if not _is_word_char(folded, m.start() - 1)
+                 and not _is_word_char(folded, m.end())]
+    words: list[re.Match[str]] = []
+    if spans:  # a few words of context before the first match
+        lead = WORD.finditer(text, max(0, spans[0][0] - 20 * _LEAD_WORDS), spans[0][0])
+        words = list(lead)[-_LEAD_WORDS:]
+    start = words[0].start() if words else (spans[0][0] if spans else 0)
     end = min(len(text), start + length)
     if end < len(text):  # do not cut a word
         cut = text.rfind(" ", start, end)
@@ -64,6 +86,10 @@ def highlight(text: str, phrases: Sequence[tuple[str, ...]],
 
 
 _SPACE = re.compile(r"\s+")
+
+
+def _is_word_char(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and text[i].isalnum()
 
 
 def _squash(text: str) -> str:
