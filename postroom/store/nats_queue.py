@@ -57,7 +57,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -297,6 +297,19 @@ class NatsQueue:
                 if item is not None:
                     return item
 
+    async def take_many(
+        self, topic: str, *, max_items: int, lease: float = 300.0, wait: float = 0.0
+    ) -> list[QueueItem]:
+        """One lease per item as `take` makes them (each has its own state record); only the
+        first take waits."""
+        items: list[QueueItem] = []
+        while len(items) < max(1, max_items):
+            item = await self.take(topic, lease=lease, wait=0.0 if items else wait)
+            if item is None:
+                break
+            items.append(item)
+        return items
+
     async def ack(self, item: QueueItem) -> None:
         token = item_token(item.item_id)
         with _engine_errors("ack"):
@@ -307,6 +320,10 @@ class NatsQueue:
             await self._jetstream().purge_stream(
                 self.state_stream, subject=self._state_subject(item.topic, token)
             )
+
+    async def ack_many(self, items: Sequence[QueueItem]) -> None:
+        """The acks go out together: each is its own compare-and-set on the item's state."""
+        await asyncio.gather(*(self.ack(item) for item in items))
 
     async def retry(self, item: QueueItem, delay: float, error: str = "") -> None:
         token = item_token(item.item_id)

@@ -7,6 +7,7 @@ died), it is handed out again. Consumers must therefore be idempotent; the mail 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,8 +40,19 @@ class Queue(Protocol):
     ) -> QueueItem | None:
         """Lease the oldest due item, waiting up to `wait` seconds for one to become due."""
         ...
+    async def take_many(
+        self, topic: str, *, max_items: int, lease: float = 300.0, wait: float = 0.0
+    ) -> list[QueueItem]:
+        """Lease up to `max_items` due items, oldest first, each as `take` would; waits up to
+        `wait` seconds for the first. Empty when none became due. Engines that can do it
+        lease the whole batch in one transaction or round trip."""
+        ...
     async def ack(self, item: QueueItem) -> None:
         """Done: the item is removed for good."""
+        ...
+    async def ack_many(self, items: Sequence[QueueItem]) -> None:
+        """`ack` each item (an ack of a lease that ran out and went to another taker is
+        ignored, as with `ack`); in one transaction or round trip where the engine can."""
         ...
     async def retry(self, item: QueueItem, delay: float, error: str = "") -> None:
         """Not done: hand it out again after `delay` seconds."""

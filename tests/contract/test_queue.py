@@ -325,6 +325,88 @@ async def test_list_size_remove(queue: Queue) -> None:
     assert [i.item_id for i in await queue.list(INCOMING)] == ["l1", "l2", "l4"]
 
 
+async def test_take_many_leases_the_oldest_due_items(queue: Queue) -> None:
+    for n in range(5):
+        await queue.put(INCOMING, f"p{n}".encode(), item_id=f"b{n}", delay=60 if n == 3 else 0)
+    first = await queue.take_many(INCOMING, max_items=3, lease=30.0)
+    assert [i.item_id for i in first] == ["b0", "b1", "b2"]
+    assert [(i.payload, i.attempts, i.topic) for i in first] == [
+        (b"p0", 1, INCOMING), (b"p1", 1, INCOMING), (b"p2", 1, INCOMING)]
+    rest = await queue.take_many(INCOMING, max_items=10, lease=30.0)
+    assert [i.item_id for i in rest] == ["b4"]  # b3 is not due; leased ones are not handed out
+    assert await queue.take_many(INCOMING, max_items=10) == []
+    assert await queue.take(INCOMING) is None
+    assert await queue.size(INCOMING) == 5
+
+
+async def test_take_many_waits_for_the_first_item(queue: Queue) -> None:
+    started = time.monotonic()
+    assert await queue.take_many(INCOMING, max_items=5, wait=0.2) == []
+    assert 0.15 <= time.monotonic() - started < 2.0
+    waiting = asyncio.create_task(queue.take_many(INCOMING, max_items=5, lease=30.0, wait=4.0))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    started = time.monotonic()
+    await queue.put(INCOMING, b"wake", item_id="w")
+    items = await asyncio.wait_for(waiting, 3.0)
+    assert [i.item_id for i in items] == ["w"]
+    assert time.monotonic() - started < 1.0
+
+
+async def test_take_many_batch_expires_and_is_redelivered(queue: Queue) -> None:
+    for n in range(3):
+        await queue.put(INCOMING, b"x", item_id=f"e{n}")
+    assert len(await queue.take_many(INCOMING, max_items=3, lease=LEASE)) == 3
+    await asyncio.sleep(LEASE + 0.05)
+    again = await queue.take_many(INCOMING, max_items=3, lease=30.0, wait=2.0)
+    if len(again) < 3:  # an engine may hand expired leases back one pull at a time
+        again += await queue.take_many(INCOMING, max_items=3 - len(again), lease=30.0, wait=2.0)
+    assert sorted((i.item_id, i.attempts) for i in again) == [("e0", 2), ("e1", 2), ("e2", 2)]
+
+
+async def test_ack_many(queue: Queue) -> None:
+    for n in range(4):
+        await queue.put(INCOMING, b"x", item_id=f"a{n}")
+    taken = await queue.take_many(INCOMING, max_items=3, lease=30.0)
+    await queue.ack_many([])
+    await queue.ack_many(taken)
+    assert [i.item_id for i in await queue.list(INCOMING)] == ["a3"]
+    await queue.ack_many(taken)  # again: harmless
+    assert await queue.size(INCOMING) == 1
+
+
+async def test_ack_many_ignores_stale_leases(queue: Queue) -> None:
+    await queue.put(INCOMING, b"x", item_id="s0")
+    await queue.put(INCOMING, b"x", item_id="s1")
+    old = await queue.take_many(INCOMING, max_items=2, lease=LEASE)
+    assert [i.item_id for i in old] == ["s0", "s1"]
+    await asyncio.sleep(LEASE + 0.05)
+    new = await _take(queue, lease=30.0)  # one of them went to another taker meanwhile
+    assert new.attempts == 2
+    await queue.ack_many(old)  # late: must not drop the new lease's item
+    assert [i.item_id for i in await queue.list(INCOMING)] == [new.item_id]
+    await queue.ack_many([new])
+    assert await queue.size(INCOMING) == 0
+
+
+async def test_take_many_on_two_nodes_shares_the_work(make_queue: MakeQueue) -> None:
+    node_a, node_b = await make_queue(), await make_queue()
+    total = 150
+    await asyncio.gather(*(node_a.put(INCOMING, b"w", item_id=f"t{n:03}") for n in range(total)))
+    taken: list[str] = []
+
+    async def worker(queue: Queue) -> None:
+        while batch := await queue.take_many(INCOMING, max_items=16, lease=30.0, wait=0.3):
+            assert all(item.attempts == 1 for item in batch)
+            taken.extend(item.item_id for item in batch)
+            await queue.ack_many(batch)
+
+    await asyncio.wait_for(
+        asyncio.gather(*(worker(q) for q in (node_a, node_b) for _ in range(3))), 60)
+    assert sorted(taken) == [f"t{n:03}" for n in range(total)]
+    assert await node_a.size(INCOMING) == 0
+
+
 async def test_nats_nodes_with_other_settings_share_the_queue() -> None:
     """A node configured with another ack_wait (an upgrade, a typo) still uses the existing
     stream and consumer instead of refusing mail."""
