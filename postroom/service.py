@@ -53,6 +53,15 @@ from postroom.core.models import (
     normalize_folder_name,
 )
 from postroom.core.threads import thread_refs
+from postroom.mailcache import (
+    MailCache,
+    folders_from_json,
+    folders_to_json,
+    optional_record_from_json,
+    optional_record_to_json,
+    page_from_json,
+    page_to_json,
+)
 from postroom.search.engine import SearchPage, narrow_candidates, run_search
 from postroom.search.indexer import Indexer
 from postroom.search.query import QuerySyntaxError
@@ -278,6 +287,8 @@ class MailService:
         self.blobs = blobs
         self.queue = queue
         self.cache = cache
+        # Listings and summaries, keyed by a per-user generation (postroom.mailcache).
+        self.mail_cache = MailCache(cache)
         self.events = events
         self.hostname = hostname
         self.token_ttl = token_ttl
@@ -347,7 +358,7 @@ class MailService:
         await self.metadata.delete_user(user.user_id)
         if self.indexer is not None:
             await self.indexer.user_removed(user.user_id)
-        await self.cache.delete_prefix(self._cache_prefix(user.user_id))
+        await self._changed(user.user_id)
 
     async def list_users(self, domain: str | None = None) -> list[User]:
         return await self.metadata.list_users(self._domain(domain) if domain else None)
@@ -461,10 +472,14 @@ class MailService:
     # -------------------------------------------------------------------------------- folders
 
     async def list_folders(self, user: User) -> list[tuple[Folder, FolderCounts]]:
-        folders = await self.metadata.list_folders(user.user_id)
-        counts = await self.metadata.folder_counts(user.user_id)
-        empty = FolderCounts(0, 0)
-        return [(f, counts.get(f.folder_id, empty)) for f in folders]
+        async def load() -> list[tuple[Folder, FolderCounts]]:
+            folders = await self.metadata.list_folders(user.user_id)
+            counts = await self.metadata.folder_counts(user.user_id)
+            empty = FolderCounts(0, 0)
+            return [(f, counts.get(f.folder_id, empty)) for f in folders]
+
+        return await self.mail_cache.read_through(user.user_id, "folders", load,
+                                                  folders_to_json, folders_from_json)
 
     async def get_folder(self, user: User, folder: str) -> Folder:
         """A folder by id, or by name (INBOX, Sent, a/b) for convenience."""
@@ -506,6 +521,7 @@ class MailService:
             folder = await self.metadata.create_folder(user.user_id, clean)
         except Conflict:
             raise ConflictError(f"folder {clean} already exists") from None
+        await self._changed(user.user_id)
         await self._publish(Event(FOLDER_CHANGED, user.user_id, folder.folder_id,
                                   data={"name": folder.name, "change": "created"}))
         return folder
@@ -545,6 +561,7 @@ class MailService:
     async def set_subscribed(self, user: User, folder: str, subscribed: bool) -> None:
         current = await self.get_folder(user, folder)
         await self.metadata.set_subscribed(user.user_id, current.folder_id, subscribed)
+        await self._changed(user.user_id)
 
     # ------------------------------------------------------------------------------- messages
 
@@ -555,10 +572,18 @@ class MailService:
             raise InvalidInput("limit must be between 1 and 500")
         target = await self.get_folder(user, folder)
         before = decode_cursor(cursor) if cursor else None
-        records = await self.metadata.list_messages(user.user_id, target.folder_id, limit + 1,
-                                                    before)
-        more = len(records) > limit
-        records = records[:limit]
+
+        async def load() -> tuple[list[MessageRecord], bool]:
+            found = await self.metadata.list_messages(user.user_id, target.folder_id,
+                                                      limit + 1, before)
+            return found[:limit], len(found) > limit
+
+        if before is None:  # first pages are what clients poll; deeper ones are read once
+            records, more = await self.mail_cache.read_through(
+                user.user_id, f"list:{target.folder_id}:{limit}", load, page_to_json,
+                page_from_json)
+        else:
+            records, more = await load()
         next_cursor = None
         if more and records:
             last = records[-1]
@@ -566,7 +591,10 @@ class MailService:
         return Page(records, next_cursor)
 
     async def get_message(self, user: User, message_id: str) -> MessageRecord:
-        record = await self.metadata.get_message(user.user_id, message_id)
+        record = await self.mail_cache.read_through(
+            user.user_id, f"msg:{message_id}",
+            lambda: self.metadata.get_message(user.user_id, message_id),
+            optional_record_to_json, optional_record_from_json)
         if record is None:
             raise NotFoundError("no such message")
         return record
@@ -1150,11 +1178,9 @@ class MailService:
             log.exception("publishing %s failed", event.type)
 
     async def _changed(self, user_id: str) -> None:
-        await self.cache.delete_prefix(self._cache_prefix(user_id))
-
-    @staticmethod
-    def _cache_prefix(user_id: str) -> str:
-        return f"u:{user_id}:"
+        """After a committed change of the user's mail or folders: drop their cached
+        listings (a new generation; see postroom.mailcache)."""
+        await self.mail_cache.changed(user_id)
 
     def _check_size(self, raw: bytes) -> None:
         if len(raw) > self.max_message_bytes:
