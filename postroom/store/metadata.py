@@ -60,6 +60,16 @@ class ListEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message to file with `insert_messages`: what `insert_message` takes."""
+
+    user_id: str
+    folder_id: str
+    message: NewMessage
+    delivery_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Expunged:
     """A removed record, with what the caller needs for events and blob collection."""
 
@@ -134,6 +144,17 @@ class MetadataStore(Protocol):
 
         With a delivery_key, the key is recorded in the same transaction; a second insert
         with the same key returns the first record and False instead of a duplicate.
+        """
+        ...
+    async def insert_messages(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[tuple[MessageRecord, bool] | None]:
+        """`insert_message` for each delivery in one transaction: all are filed or none.
+
+        Results are in the order given, each what `insert_message` returns, or None where it
+        would raise Conflict (the key was delivered and that record expunged since). A key
+        twice in one batch files once. Any other failure (a folder or user gone) fails the
+        whole batch.
         """
         ...
     async def get_message(self, user_id: str, message_id: str) -> MessageRecord | None: ...

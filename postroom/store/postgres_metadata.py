@@ -46,7 +46,14 @@ from postroom.core.models import (
     User,
 )
 from postroom.store.errors import Conflict, NotFound, StoreError
-from postroom.store.metadata import Expunged, ListCursor, ListEntry, Reputation, Token
+from postroom.store.metadata import (
+    Delivery,
+    Expunged,
+    ListCursor,
+    ListEntry,
+    Reputation,
+    Token,
+)
 from postroom.store.migrations import MigrationOutcome, migrate_postgres
 
 T = TypeVar("T")
@@ -303,6 +310,60 @@ async def _insert_records(conn: Connection, records: Sequence[MessageRecord]) ->
             " ON CONFLICT DO NOTHING",
             refs,
         )
+
+
+async def _file_message(
+    conn: Connection,
+    user_id: str,
+    folder_id: str,
+    message: NewMessage,
+    delivery_key: str | None,
+) -> tuple[MessageRecord, bool]:
+    """The body of `insert_message`'s transaction (and of each of `insert_messages`)."""
+    message_id = new_id()
+    if delivery_key is not None:
+        # Claim the key first. A concurrent insert with the same key (on any node)
+        # holds it uncommitted: this waits for it, then finds the key taken.
+        try:
+            claimed = await conn.fetchval(
+                "INSERT INTO deliveries (user_id, delivery_key, message_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
+                user_id,
+                delivery_key,
+                message_id,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"no user {user_id}") from None
+        if claimed is None:
+            earlier = await conn.fetchval(
+                "SELECT message_id FROM deliveries"
+                " WHERE user_id = $1 AND delivery_key = $2",
+                user_id,
+                delivery_key,
+            )
+            found = await _fetch_records(conn, user_id, [str(earlier)])
+            if not found:
+                raise Conflict("already delivered")
+            return found[0], False
+    uid, modseq = await _allocate_uids(conn, user_id, folder_id, 1)
+    record = MessageRecord(
+        user_id=user_id,
+        message_id=message_id,
+        folder_id=folder_id,
+        uid=uid,
+        modseq=modseq,
+        flags=_normal_flags(message.flags),
+        internal_date=message.internal_date,
+        size=message.size,
+        blob_hash=message.blob_hash,
+        headers=message.headers,
+        snippet=message.snippet,
+        has_attachments=message.has_attachments,
+        thread_id=await _resolve_thread(conn, user_id, message.headers),
+        spam_verdict=message.spam_verdict,
+    )
+    await _insert_records(conn, [record])
+    return record, True
 
 
 async def _resolve_thread(conn: Connection, user_id: str, headers: HeaderSummary) -> str:
@@ -879,52 +940,34 @@ class PostgresMetadataStore:
         """
 
         async def tx(conn: Connection) -> tuple[MessageRecord, bool]:
-            message_id = new_id()
-            if delivery_key is not None:
-                # Claim the key first. A concurrent insert with the same key (on any node)
-                # holds it uncommitted: this waits for it, then finds the key taken.
-                try:
-                    claimed = await conn.fetchval(
-                        "INSERT INTO deliveries (user_id, delivery_key, message_id)"
-                        " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1",
-                        user_id,
-                        delivery_key,
-                        message_id,
-                    )
-                except asyncpg.ForeignKeyViolationError:
-                    raise NotFound(f"no user {user_id}") from None
-                if claimed is None:
-                    earlier = await conn.fetchval(
-                        "SELECT message_id FROM deliveries"
-                        " WHERE user_id = $1 AND delivery_key = $2",
-                        user_id,
-                        delivery_key,
-                    )
-                    found = await _fetch_records(conn, user_id, [str(earlier)])
-                    if not found:
-                        raise Conflict("already delivered")
-                    return found[0], False
-            uid, modseq = await _allocate_uids(conn, user_id, folder_id, 1)
-            record = MessageRecord(
-                user_id=user_id,
-                message_id=message_id,
-                folder_id=folder_id,
-                uid=uid,
-                modseq=modseq,
-                flags=_normal_flags(message.flags),
-                internal_date=message.internal_date,
-                size=message.size,
-                blob_hash=message.blob_hash,
-                headers=message.headers,
-                snippet=message.snippet,
-                has_attachments=message.has_attachments,
-                thread_id=await _resolve_thread(conn, user_id, message.headers),
-                spam_verdict=message.spam_verdict,
-            )
-            await _insert_records(conn, [record])
-            return record, True
+            return await _file_message(conn, user_id, folder_id, message, delivery_key)
 
         return await self._write(tx)
+
+    async def insert_messages(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[tuple[MessageRecord, bool] | None]:
+        """Every delivery's `insert_message` in one transaction (one commit).
+
+        They are filed in (user, folder) order, which keeps the input order within a folder:
+        batches on several nodes then take their folder row locks in the same order and
+        cannot deadlock on them. Results come back in the order given.
+        """
+        batch = list(deliveries)
+        order = sorted(range(len(batch)), key=lambda i: (batch[i].user_id, batch[i].folder_id))
+
+        async def tx(conn: Connection) -> list[tuple[MessageRecord, bool] | None]:
+            out: list[tuple[MessageRecord, bool] | None] = [None] * len(batch)
+            for i in order:
+                d = batch[i]
+                try:
+                    out[i] = await _file_message(conn, d.user_id, d.folder_id, d.message,
+                                                 d.delivery_key)
+                except Conflict:  # our own check, no statement failed: the transaction holds
+                    out[i] = None
+            return out
+
+        return await self._write(tx) if batch else []
 
     async def get_message(self, user_id: str, message_id: str) -> MessageRecord | None:
         found = await self.get_messages(user_id, [message_id])

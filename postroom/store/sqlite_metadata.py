@@ -46,7 +46,14 @@ from postroom.core.models import (
     User,
 )
 from postroom.store.errors import Conflict, NotFound, StoreError
-from postroom.store.metadata import Expunged, ListCursor, ListEntry, Reputation, Token
+from postroom.store.metadata import (
+    Delivery,
+    Expunged,
+    ListCursor,
+    ListEntry,
+    Reputation,
+    Token,
+)
 from postroom.store.migrations import migrate_sqlite
 
 P = ParamSpec("P")
@@ -277,6 +284,51 @@ def _insert_record(conn: sqlite3.Connection, rec: MessageRecord) -> None:
         "INSERT OR IGNORE INTO message_refs (user_id, ref, message_id) VALUES (?, ?, ?)",
         [(rec.user_id, ref, rec.message_id) for ref in refs],
     )
+
+
+def _file_message(
+    conn: sqlite3.Connection,
+    user_id: str,
+    folder_id: str,
+    message: NewMessage,
+    delivery_key: str | None,
+) -> tuple[MessageRecord, bool]:
+    """The body of `insert_message`'s transaction (and of each of `insert_messages`)."""
+    if delivery_key is not None:
+        row = conn.execute(
+            "SELECT message_id FROM deliveries WHERE user_id = ? AND delivery_key = ?",
+            (user_id, delivery_key),
+        ).fetchone()
+        if row is not None:
+            found = _fetch_records(conn, user_id, [str(row[0])])
+            if found:
+                return found[0], False
+            raise Conflict("already delivered")
+    uid, modseq = _allocate_uids(conn, user_id, folder_id, 1)
+    record = MessageRecord(
+        user_id=user_id,
+        message_id=new_id(),
+        folder_id=folder_id,
+        uid=uid,
+        modseq=modseq,
+        flags=_normal_flags(message.flags),
+        internal_date=message.internal_date,
+        size=message.size,
+        blob_hash=message.blob_hash,
+        headers=message.headers,
+        snippet=message.snippet,
+        has_attachments=message.has_attachments,
+        thread_id=_resolve_thread(conn, user_id, message.headers),
+        spam_verdict=message.spam_verdict,
+    )
+    _insert_record(conn, record)
+    _add_blob_refs(conn, [record.blob_hash])
+    if delivery_key is not None:
+        conn.execute(
+            "INSERT INTO deliveries (user_id, delivery_key, message_id) VALUES (?, ?, ?)",
+            (user_id, delivery_key, record.message_id),
+        )
+    return record, True
 
 
 def _resolve_thread(conn: sqlite3.Connection, user_id: str, headers: HeaderSummary) -> str:
@@ -866,44 +918,25 @@ class SqliteMetadataStore:
         has since been expunged.
         """
 
-        def tx(conn: sqlite3.Connection) -> tuple[MessageRecord, bool]:
-            if delivery_key is not None:
-                row = conn.execute(
-                    "SELECT message_id FROM deliveries WHERE user_id = ? AND delivery_key = ?",
-                    (user_id, delivery_key),
-                ).fetchone()
-                if row is not None:
-                    found = _fetch_records(conn, user_id, [str(row[0])])
-                    if found:
-                        return found[0], False
-                    raise Conflict("already delivered")
-            uid, modseq = _allocate_uids(conn, user_id, folder_id, 1)
-            record = MessageRecord(
-                user_id=user_id,
-                message_id=new_id(),
-                folder_id=folder_id,
-                uid=uid,
-                modseq=modseq,
-                flags=_normal_flags(message.flags),
-                internal_date=message.internal_date,
-                size=message.size,
-                blob_hash=message.blob_hash,
-                headers=message.headers,
-                snippet=message.snippet,
-                has_attachments=message.has_attachments,
-                thread_id=_resolve_thread(conn, user_id, message.headers),
-                spam_verdict=message.spam_verdict,
-            )
-            _insert_record(conn, record)
-            _add_blob_refs(conn, [record.blob_hash])
-            if delivery_key is not None:
-                conn.execute(
-                    "INSERT INTO deliveries (user_id, delivery_key, message_id) VALUES (?, ?, ?)",
-                    (user_id, delivery_key, record.message_id),
-                )
-            return record, True
+        return await self._write(_file_message, user_id, folder_id, message, delivery_key)
 
-        return await self._write(tx)
+    async def insert_messages(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[tuple[MessageRecord, bool] | None]:
+        """Every delivery's `insert_message` in one write transaction (one fsync)."""
+        batch = list(deliveries)
+
+        def tx(conn: sqlite3.Connection) -> list[tuple[MessageRecord, bool] | None]:
+            out: list[tuple[MessageRecord, bool] | None] = []
+            for d in batch:
+                try:
+                    out.append(_file_message(conn, d.user_id, d.folder_id, d.message,
+                                             d.delivery_key))
+                except Conflict:  # raised before this delivery wrote anything
+                    out.append(None)
+            return out
+
+        return await self._write(tx) if batch else []
 
     async def get_message(self, user_id: str, message_id: str) -> MessageRecord | None:
         found = await self._read(_fetch_records, user_id, [message_id])

@@ -18,7 +18,7 @@ from postroom.core.models import (
     User,
 )
 from postroom.store.errors import Conflict, NotFound
-from postroom.store.metadata import ListCursor, MetadataStore, Token
+from postroom.store.metadata import Delivery, ListCursor, MetadataStore, Token
 
 MetadataFactory = Callable[[], MetadataStore]  # the conftest fixture: more stores, same database
 
@@ -608,6 +608,114 @@ async def test_concurrent_inserts_with_one_delivery_key(metadata_store: Metadata
     assert sum(created for _, created in results) == 1
     assert len({rec.message_id for rec, _ in results}) == 1
     assert len(await store.list_uids(alice.user_id, inbox.folder_id)) == 1
+
+
+async def test_insert_messages_files_a_batch_in_order(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    junk = await store.create_folder(alice.user_id, "Junk", FolderRole.JUNK)
+    assert await store.insert_messages([]) == []
+    shared = blob(990_001)  # one blob for every copy: counted once per record
+    batch = [
+        Delivery(bob.user_id, bob_inbox.folder_id, message(blob_hash=shared), "b1:bob"),
+        Delivery(alice.user_id, inbox.folder_id, message(blob_hash=shared), "b1:alice"),
+        Delivery(alice.user_id, junk.folder_id, message(blob_hash=shared), "b2:alice"),
+        Delivery(alice.user_id, inbox.folder_id, message(message_id="<p@x>"), "b3:alice"),
+        Delivery(alice.user_id, inbox.folder_id,
+                 message(message_id="<r@x>", in_reply_to="<p@x>"), None),
+    ]
+    results = await store.insert_messages(batch)
+    assert all(r is not None and r[1] for r in results)
+    records = [r[0] for r in results if r is not None]
+    assert [(r.user_id, r.folder_id) for r in records] == [
+        (d.user_id, d.folder_id) for d in batch]
+    assert [r.uid for r in records] == [1, 1, 1, 2, 3]  # per folder, in the order given
+    assert records[4].thread_id == records[3].thread_id  # sees the batch's earlier messages
+    assert records[1].modseq < records[3].modseq < records[4].modseq
+    assert await store.blob_refcount(shared) == 3
+    listed = await store.list_uids(alice.user_id, inbox.folder_id)
+    assert [r.message_id for r in listed] == [records[1].message_id, records[3].message_id,
+                                              records[4].message_id]
+    folder = await store.get_folder(alice.user_id, inbox.folder_id)
+    assert folder is not None and folder.uidnext == 4
+
+
+async def test_insert_messages_delivery_keys(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    first, _ = await store.insert_message(uid, inbox.folder_id, message(), "k1:alice")
+    gone, _ = await store.insert_message(uid, inbox.folder_id, message(), "k2:alice")
+    await store.expunge(uid, [gone.message_id])
+    results = await store.insert_messages([
+        Delivery(uid, inbox.folder_id, message(), "k1:alice"),  # delivered: the record again
+        Delivery(uid, inbox.folder_id, message(), "k2:alice"),  # delivered, expunged: None
+        Delivery(uid, inbox.folder_id, message(), "k3:alice"),  # new
+        Delivery(uid, inbox.folder_id, message(), "k3:alice"),  # twice in a batch: once
+    ])
+    assert results[0] == (first, False)
+    assert results[1] is None
+    assert results[2] is not None and results[2][1]
+    assert results[3] == (results[2][0], False)
+    assert len(await store.list_uids(uid, inbox.folder_id)) == 2
+    # the whole batch again (a redelivered queue batch): nothing new
+    again = await store.insert_messages([
+        Delivery(uid, inbox.folder_id, message(), "k1:alice"),
+        Delivery(uid, inbox.folder_id, message(), "k3:alice"),
+    ])
+    assert again == [(first, False), (results[2][0], False)]
+    assert len(await store.list_uids(uid, inbox.folder_id)) == 2
+
+
+async def test_insert_messages_is_all_or_nothing(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    uid = alice.user_id
+    with pytest.raises((NotFound, Conflict)):
+        await store.insert_messages([
+            Delivery(uid, inbox.folder_id, message(), "n1:alice"),
+            Delivery(uid, "no-such-folder", message(), "n2:alice"),
+        ])
+    assert await store.list_uids(uid, inbox.folder_id) == []
+    # the key of the delivery that was rolled back is free: the retried batch files it
+    results = await store.insert_messages([Delivery(uid, inbox.folder_id, message(), "n1:alice")])
+    assert results[0] is not None and results[0][1]
+    folder = await store.get_folder(uid, inbox.folder_id)
+    assert folder is not None and folder.uidnext == 2
+
+
+async def test_concurrent_batches_with_shared_keys(
+    metadata_store_factory: MetadataFactory,
+) -> None:
+    """Two nodes file overlapping batches (a redelivered queue item on each): each key once."""
+    stores = [metadata_store_factory(), metadata_store_factory()]
+    for s in stores:
+        await s.open()
+    try:
+        alice, inbox = await make_user_with_inbox(stores[0])
+        bob, bob_inbox = await make_user_with_inbox(stores[0], "bob@example.com")
+
+        def batch(keys: range) -> list[Delivery]:
+            out = []
+            for n in keys:
+                out.append(Delivery(alice.user_id, inbox.folder_id, message(), f"c{n}:alice"))
+                out.append(Delivery(bob.user_id, bob_inbox.folder_id, message(), f"c{n}:bob"))
+            return out
+
+        runs = await asyncio.gather(
+            stores[0].insert_messages(batch(range(0, 20))),
+            stores[1].insert_messages(list(reversed(batch(range(10, 30))))),
+            stores[0].insert_messages(batch(range(5, 25))),
+        )
+        created = sum(1 for run in runs for r in run if r is not None and r[1])
+        assert created == 60
+        for user, folder in ((alice, inbox), (bob, bob_inbox)):
+            uids = [r.uid for r in await stores[1].list_uids(user.user_id, folder.folder_id)]
+            assert uids == list(range(1, 31))
+    finally:
+        for s in stores:
+            await s.close()
 
 
 # ---- threads ------------------------------------------------------------------------------------
