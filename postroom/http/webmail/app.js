@@ -575,7 +575,9 @@ $("#compose-form").addEventListener("submit", async (event) => {
   $("#send-btn").disabled = true;
   try {
     await compose.saving;
-    await api.send({ ...body, in_reply_to: compose.inReplyTo || compose.inReplyToHeader || null });
+    const bare = (list) => list.map((a) => parseAddress(a).address);  // the API takes addresses
+    await api.send({ ...body, to: bare(body.to), cc: bare(body.cc), bcc: bare(body.bcc),
+      in_reply_to: compose.inReplyTo || compose.inReplyToHeader || null });
     if (compose.draftId) { try { await api.discardDraft(compose.draftId); } catch { /* already gone */ } }
     $("#compose").hidden = true;
     toast("Message sent");
