@@ -26,7 +26,8 @@ BOB, BOB_PW = "bob@example.test", "bob-secret-22"
 HOSTILE = """<html><head>
 <meta http-equiv="refresh" content="0;url=http://evil.test/refresh">
 <link rel="stylesheet" href="http://evil.test/link.css">
-<style>@import url(http://evil.test/import.css); body { background: url(http://evil.test/bg.png) }</style>
+<style>@import url(http://evil.test/import.css);
+body { background: url(http://evil.test/bg.png) }</style>
 <script>parent.document.title = 'pwned'; fetch('http://evil.test/script');</script>
 </head><body>
 <p style="background-image:url(http://evil.test/inline.png)">Hostile greetings</p>
@@ -168,7 +169,8 @@ def test_search_and_move_to_junk(server: ServerProcess, browser: Browser) -> Non
         page.locator("#search-input").fill("lisbon")
         page.locator("#search-input").press("Enter")
         expect(page.locator("#list .row")).to_have_count(1)
-        expect(page.locator("#list .row mark").first).to_have_text(re.compile("lisbon", re.IGNORECASE))
+        expect(page.locator("#list .row mark").first).to_have_text(
+            re.compile("lisbon", re.IGNORECASE))
         alice.shot("search")
         page.get_by_role("button", name="Clear search").click()
         expect(page.locator("#list-title")).to_have_text("Inbox")
