@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -49,7 +50,9 @@ from postroom.service import (
     ServiceError,
     TooManyAttempts,
 )
-from postroom.store.errors import NotFound
+from postroom.store.errors import NotFound, StoreError
+
+log = logging.getLogger(__name__)
 
 _STATUS = {
     NotFoundError: 404,
@@ -120,6 +123,13 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
     async def _store_not_found(request: Request, exc: NotFound) -> JSONResponse:
         # A blob or row that vanished between lookups (concurrent expunge): plain 404.
         return error_response(404, "not_found", "not found")
+
+    @app.exception_handler(StoreError)
+    async def _store_unavailable(request: Request, exc: StoreError) -> JSONResponse:
+        # An engine is down or unreachable: nothing was lost, the client tries again.
+        log.warning("%s %s: storage unavailable: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "storage is unavailable; try again later",
+                              {"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -65,6 +65,7 @@ from postroom.service import (
     NotFoundError,
     TooManyAttempts,
 )
+from postroom.store.errors import StoreError
 from postroom.store.events import (
     MESSAGE_DELETED,
     MESSAGE_FLAGS,
@@ -327,13 +328,21 @@ class ImapSession:
             return
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             raise
+        except StoreError as exc:  # an engine is down (RFC 5530: try again later)
+            log.warning("imap %s: storage unavailable: %s", name, exc)
+            self.out.clear()
+            await self.send(f"{tag} NO [UNAVAILABLE] storage unavailable; try again".encode())
+            return
         except Exception:
             log.exception("imap %s failed", name)
             self.out.clear()
             await self.send(f"{tag} NO [SERVERBUG] internal error; try again".encode())
             return
         if self.selected is not None and name not in ("SELECT", "EXAMINE"):
-            await self.updates(allow_expunge)
+            try:
+                await self.updates(allow_expunge)
+            except StoreError as exc:  # the command itself was done; report changes later
+                log.warning("imap updates after %s: storage unavailable: %s", name, exc)
         await self.send(f"{tag} {done}".encode())
 
     async def updates(self, allow_expunge: bool, force: bool = False) -> None:

@@ -42,6 +42,7 @@ from postroom.smtp.commands import (
 )
 from postroom.smtp.data import ConnectionLost, LineTooLong, SmtpReader, has_bare_newline
 from postroom.smtp.trace import received_header, return_path_header, with_protocol
+from postroom.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,10 @@ class SmtpSession:
                     self.reply(exc.code, exc.status, exc.text)
                     if exc.code >= 500:
                         self._count_error()
+                except StoreError as exc:  # an engine is down: the client retries later
+                    log.warning("SMTP %s from %s: storage unavailable: %s", verb,
+                                self.client_ip, exc)
+                    self.reply(451, "4.3.0", "Temporary storage failure; try again later")
         except CloseSession:
             pass
         except TimeoutError:
