@@ -23,7 +23,7 @@ from postroom.app import Postroom
 from postroom.config import ROLES, ConfigError, Settings, load_settings, parse_hostport, parse_roles
 from postroom.listeners import PROTOCOLS as LISTENER_FLAGS
 from postroom.service import ServiceError
-from postroom.store.queue import INCOMING, OUTGOING
+from postroom.store.queue import HELD, INCOMING, OUTGOING
 
 log = logging.getLogger("postroom")
 
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     qretry_which.add_argument("id", nargs="?", help="queue id")
     qretry_which.add_argument("--all", action="store_true", help="every outgoing item")
     qsub.add_parser("delete", help="remove an item for good (no bounce is sent)"
+                    ).add_argument("id", help="queue id")
+    qheld = qsub.add_parser("held", help="outgoing mail held for the admin (bursts, spam)")
+    qheld.add_argument("--json", action="store_true", help="machine-readable output")
+    qsub.add_parser("release", help="send a held message on its way"
                     ).add_argument("id", help="queue id")
 
     dkim = sub.add_parser("dkim", help="DKIM signing keys")
@@ -232,6 +236,22 @@ async def manage_queue(args: argparse.Namespace, node: Postroom) -> int:
             for row in rows:
                 print(queue_view.format_line(row))
             print(f"{len(rows)} item(s)")
+        return 0
+    if args.action == "held":
+        rows = [queue_view.describe(item)
+                for item in await queue.list(HELD, limit=queue_view.LIST_LIMIT)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                print(queue_view.format_line(row) + f"  held: {row['held']}")
+            print(f"{len(rows)} held item(s)")
+        return 0
+    if args.action == "release":
+        held = await queue_view.find(queue, args.id, (HELD,))
+        if held is None:
+            raise ServiceError(f"no held item {args.id}")
+        print(f"{held.item_id}: released as {await queue_view.release(queue, held)}")
         return 0
     if args.action == "retry" and args.all:
         items = await queue.list(OUTGOING, limit=queue_view.LIST_LIMIT)

@@ -259,6 +259,12 @@ class SpamSettings(BaseModel):
     reputation_half_life: float = 30 * 86400.0
     messages_per_hour: int = Field(default=200, ge=0)  # outbound, per user; 0: no limit
     recipients_per_day: int = Field(default=1000, ge=0)
+    # Outbound mail held for the admin (`postroom queue held|release|delete`) instead of
+    # queued: content scored at or above hold_score (0: never by content), or a burst of more
+    # than burst_messages from one user within burst_minutes (0: no burst limit).
+    hold_score: float = 8.0
+    burst_messages: int = Field(default=50, ge=0)
+    burst_minutes: float = Field(default=10.0, ge=0)
 
     @field_validator("dnsbl", "trusted_networks", mode="before")
     @classmethod

@@ -78,7 +78,7 @@ from postroom.store.events import (
     EventBus,
 )
 from postroom.store.metadata import Expunged, ListCursor, MetadataStore, Token
-from postroom.store.queue import INCOMING, OUTGOING, Queue
+from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue
 from postroom.store.search import Criterion, SearchIndex
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class SpamHooks(Protocol):
     async def learn(self, user: User, records: Sequence[MessageRecord], spam: bool) -> None: ...
     async def send_refusal(self, user: User, recipients: int) -> str | None: ...
     async def record_send(self, user: User, recipients: int) -> None: ...
+    async def hold_reason(self, user: User, raw: bytes) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +199,7 @@ class SendResult:
     delivered: tuple[str, ...]
     queued: tuple[str, ...]
     queue_item: str | None
+    held: str = ""  # why the remote copy waits for the admin (queue `held`), if it does
 
 
 @dataclass(frozen=True, slots=True)
@@ -1087,11 +1089,18 @@ class MailService:
         for rcpt in dict.fromkeys(envelope.rcpt_to):
             (local if await self.is_local_domain(domain_of(rcpt)) else remote).append(rcpt)
         queue_item = None
+        held = ""
         if remote:
             digest = await self.blobs.put(transmitted)
             payload = {"mail_from": envelope.mail_from, "rcpt_to": remote, "blob": digest,
                        "user_id": user.user_id, "queued_at": time.time()}
-            queue_item = await self.queue.put(OUTGOING, json.dumps(payload).encode())
+            # Outbound abuse: a burst or clearly spammy content waits for the admin
+            # (`postroom queue held|release|delete`) instead of reaching the internet.
+            held = await self.spam.hold_reason(user, transmitted) if self.spam else ""
+            if held:
+                payload["held"] = held
+            queue_item = await self.queue.put(HELD if held else OUTGOING,
+                                              json.dumps(payload).encode())
         delivered: tuple[str, ...] = ()
         if local:
             result = await self.deliver(
@@ -1106,7 +1115,7 @@ class MailService:
                                          time.time())
         if self.spam is not None:
             await self.spam.record_send(user, len(set(envelope.rcpt_to)))
-        return SendResult(sent, delivered, tuple(remote), queue_item)
+        return SendResult(sent, delivered, tuple(remote), queue_item, held)
 
     async def deliver_report(
         self, user_id: str, sender: str, report: bytes, delivery_key: str

@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Any
 
-from postroom.store.queue import INCOMING, OUTGOING, Queue, QueueItem
+from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue, QueueItem
 
-TOPICS = (INCOMING, OUTGOING)
+TOPICS = (INCOMING, OUTGOING, HELD)
 LIST_LIMIT = 100_000
 
 
@@ -49,6 +49,7 @@ def describe(item: QueueItem) -> dict[str, Any]:
         "enqueued_at": payload.get("queued_at", item.enqueued_at),
         "next_attempt": item.not_before,
         "last_error": last_error,
+        "held": payload.get("held", ""),  # why it waits for the admin (topic held)
     }
 
 
@@ -80,6 +81,17 @@ async def make_due(queue: Queue, item: QueueItem) -> str:
     await queue.put(OUTGOING, item.payload, item_id=new_id)
     await queue.remove(OUTGOING, item.item_id)
     return new_id
+
+
+async def release(queue: Queue, item: QueueItem) -> str:
+    """Send a held item on its way: queued for delivery, due now, under the same id (put
+    before the held copy is removed, so a crash in between leaves two, never none)."""
+    payload = json.loads(item.payload)
+    payload.pop("held", None)
+    payload["released_at"] = time.time()
+    await queue.put(OUTGOING, json.dumps(payload).encode(), item_id=item.item_id)
+    await queue.remove(HELD, item.item_id)
+    return item.item_id
 
 
 def format_line(row: dict[str, Any]) -> str:

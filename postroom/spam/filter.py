@@ -32,7 +32,7 @@ from postroom.core.message import parse_message
 from postroom.core.models import Envelope, MessageRecord, User
 from postroom.service import Screening
 from postroom.spam.auth import Authenticator, AuthResults, aligned, org_domain
-from postroom.spam.classifier import ContentClassifier
+from postroom.spam.classifier import ContentClassifier, ContentScore
 from postroom.spam.dnsbl import listed_in
 from postroom.spam.model import UserModel
 from postroom.store.blobs import BlobStore
@@ -67,6 +67,12 @@ class FilterSettings:
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     messages_per_hour: int = 200
     recipients_per_day: int = 1000
+    # Outbound mail held for the admin (`postroom queue held|release|delete`) instead of
+    # queued for the internet: content scored at or above `hold_score` (0 or less: off), or
+    # more than `burst_messages` messages from one user within `burst_minutes` (0: off).
+    hold_score: float = 8.0
+    burst_messages: int = 50
+    burst_minutes: float = 10.0
 
 
 @dataclass(slots=True)
@@ -395,6 +401,28 @@ class SpamFilter:
 
     async def record_send(self, user: User, recipients: int) -> None:
         await self.metadata.record_send(user.user_id, recipients, time.time())
+
+    async def hold_reason(self, user: User, raw: bytes) -> str:
+        """Why this outbound message should wait for the admin instead of going out ("" when
+        it may go): a burst from the user (a compromised account sends many, fast) or content
+        the global model scores as clearly spam. Scored like incoming mail's content, without
+        the user's own model (their feedback trains what they receive, not what they send)."""
+        s = self.settings
+        if s.burst_messages and s.burst_minutes > 0:
+            since = time.time() - s.burst_minutes * 60.0
+            recent, _ = await self.metadata.send_totals(user.user_id, since)
+            if recent + 1 > s.burst_messages:
+                return (f"burst: {recent + 1} messages from {user.address} within "
+                        f"{s.burst_minutes:g} minutes (limit {s.burst_messages})")
+        if s.hold_score > 0:
+            content = await asyncio.to_thread(self._outbound_score, raw)
+            if content.logit >= s.hold_score:
+                return (f"content score {content.logit:.1f} >= {s.hold_score:g} "
+                        f"({', '.join(content.reasons)})")
+        return ""
+
+    def _outbound_score(self, raw: bytes) -> ContentScore:
+        return self.classifier.score(parse_message(raw))
 
 
 def _best_dkim(auth: AuthResults) -> str:

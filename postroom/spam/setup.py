@@ -39,5 +39,7 @@ def make_spam_filter(settings: Settings, metadata: MetadataStore,
             dmarc_reject=s.dmarc_reject, dnsbl_zones=tuple(s.dnsbl), check_auth=s.check_auth,
             reputation_half_life=s.reputation_half_life,
             trusted_networks=tuple(s.trusted_networks),
-            messages_per_hour=s.messages_per_hour, recipients_per_day=s.recipients_per_day),
+            messages_per_hour=s.messages_per_hour, recipients_per_day=s.recipients_per_day,
+            hold_score=s.hold_score, burst_messages=s.burst_messages,
+            burst_minutes=s.burst_minutes),
     )

@@ -13,6 +13,8 @@ from typing import Protocol
 
 INCOMING = "incoming"
 OUTGOING = "outgoing"
+# Outgoing mail held for the admin (outbound abuse); no worker takes it, `queue release` does.
+HELD = "held"
 
 
 @dataclass(frozen=True, slots=True)
