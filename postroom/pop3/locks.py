@@ -1,8 +1,9 @@
 """One POP3 session per maildrop (RFC 1939 §8: the server acquires an exclusive-access lock).
 
 The lock lives in this process, which is enough for the embedded single node: every listener of
-the node shares one `MaildropLocks`. Front ends on several nodes would need a shared lock with an
-expiry (the cache seam's Redis, SET NX PX), which is left for the scale-out work.
+the node shares one `MaildropLocks`. Across nodes two sessions may both hold a maildrop; that is
+safe (a DELE only removes what is still in the folder it was read from) and documented in
+docs/SCALING.md §3, with the shared lock it would take (SET NX PX on the cache's Redis).
 """
 
 from __future__ import annotations

@@ -184,6 +184,42 @@ def test_idle_on_b_wakes_for_mail_taken_by_a(cluster: Cluster) -> None:
     raw.ok("LOGOUT")
 
 
+def test_store_and_move_on_a_are_listed_by_b_at_once(cluster: Cluster) -> None:
+    """Node B's API caches listings in the shared Redis; a STORE or MOVE over IMAP on node A
+    must show in B's very next listing, with no waiting."""
+    subject = f"flags {uuid.uuid4().hex[:8]}"
+    with smtplib.SMTP("127.0.0.1", cluster.node_a.smtp_port, timeout=30) as smtp:
+        smtp.sendmail("carol@example.org", [ALICE], _message(subject))
+    _wait_for(cluster.node_b, {subject}, timeout=30)
+    with httpx.Client(base_url=cluster.node_b.base_url, auth=(ALICE, PASSWORD_A),
+                      timeout=30) as api:
+        def listed() -> dict[str, Any]:
+            page = api.get("/v1/folders/INBOX/messages", params={"limit": 50})
+            assert page.status_code == 200, page.text
+            return {m["subject"]: m for m in page.json()["messages"]}
+
+        found = listed()
+        if subject not in found:
+            pytest.skip("the spam filter filed the message outside the INBOX")
+        assert "\\Seen" not in found[subject]["flags"]
+        raw = RawImap(cluster.node_a.imap_port)
+        raw.ok(f"LOGIN {quote(ALICE)} {quote(PASSWORD_A)}")
+        raw.ok("SELECT INBOX")
+        search = raw.ok(f"UID SEARCH SUBJECT {quote(subject)}")
+        uid = next(u for u in search if u.startswith(b"* SEARCH")).split()[-1].decode()
+        for _ in range(3):  # each round: B has the listing cached, A changes it, B lists
+            listed()
+            raw.ok(f"UID STORE {uid} +FLAGS (\\Seen \\Flagged)")
+            assert set(listed()[subject]["flags"]) >= {"\\Seen", "\\Flagged"}
+            raw.ok(f"UID STORE {uid} -FLAGS (\\Seen \\Flagged)")
+            assert not {"\\Seen", "\\Flagged"} & set(listed()[subject]["flags"])
+        raw.ok(f"UID MOVE {uid} Archive")
+        assert subject not in listed()
+        archive = api.get("/v1/folders/Archive/messages", params={"limit": 50}).json()
+        assert subject in [m["subject"] for m in archive["messages"]]
+        raw.ok("LOGOUT")
+
+
 def test_killing_node_a_mid_stream_loses_nothing_acknowledged(cluster: Cluster) -> None:
     """Senders stream messages into A; A is SIGKILLed after a while. Every message that got
     250 must reach the mailbox exactly once, through B's workers."""
