@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -30,6 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench import scaleout
 
 PASSWORD = "bench-password-1"
 DOMAIN = "example.test"
@@ -241,6 +244,7 @@ def start_postroom(work: Path, users: int) -> tuple[subprocess.Popen[bytes], Tar
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env["POSTROOM_IMAP__CONNECTIONS_PER_USER"] = "100000"
     env["POSTROOM_IMAP__COMMANDS_PER_SECOND"] = "100000"
+    env.update(scaleout.ACTIVE)  # --scale: the scale-out engines
     cli = [sys.executable, "-m", "postroom.cli", "--data-dir", str(data)]
     subprocess.run([*cli, "domain", "add", DOMAIN], check=True, env=env, capture_output=True)
     names = [f"user{i}@{DOMAIN}" for i in range(users)]
@@ -342,9 +346,13 @@ async def run_all(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, args.idle * 2 + 1000))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    with tempfile.TemporaryDirectory(prefix="imap-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="imap-bench-") as tmp, \
+            contextlib.ExitStack() as engines:
         work = Path(tmp)
         os.chmod(work, 0o755)
+        if args.scale:
+            engines.enter_context(scaleout.engines(work))
+        print(f"Postroom on {scaleout.describe()} engines", flush=True)
         proc, ours = start_postroom(work, args.users)
         dv_conf: Path | None = None
         anchor: Target | None = None
@@ -393,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-u", "--users", type=int, default=10)
     parser.add_argument("--idle", type=int, default=10000, help="IDLE connections (0: skip)")
     parser.add_argument("--no-anchor", action="store_true", help="skip Dovecot")
+    parser.add_argument("--scale", action="store_true",
+                        help="Postroom on PostgreSQL + S3 + NATS + Redis (bench/scaleout.py)")
     args = parser.parse_args(argv)
     try:
         import uvloop

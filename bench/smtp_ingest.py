@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from bench import scaleout
 
 DOMAIN = "example.test"
 RCPT = f"bench@{DOMAIN}"
@@ -147,6 +150,7 @@ def run_postroom(work: Path, count: int, size_kb: int, sessions: int, workers: i
     env["POSTROOM_MAIL__WORKERS"] = str(workers)
     env["POSTROOM_LOG_LEVEL"] = "warning"
     env["POSTROOM_SMTP__CONNECTIONS_PER_IP"] = str(max(50, sessions * 2))
+    env.update(scaleout.ACTIVE)  # --scale: the scale-out engines
     cmd = [sys.executable, "-m", "postroom.cli", "--data-dir", str(data)]
     subprocess.run([*cmd, "domain", "add", DOMAIN], check=True, env=env, capture_output=True)
     subprocess.run([*cmd, "user", "add", RCPT, "--password", PASSWORD], check=True, env=env,
@@ -295,11 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-w", "--workers", type=int, default=4,
                         help="Postroom incoming workers ([mail] workers)")
     parser.add_argument("--no-anchor", action="store_true", help="skip Postfix + Dovecot")
+    parser.add_argument("--scale", action="store_true",
+                        help="Postroom on PostgreSQL + S3 + NATS + Redis (bench/scaleout.py)")
     args = parser.parse_args(argv)
     results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="smtp-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="smtp-ingest-") as tmp, \
+            contextlib.ExitStack() as engines:
         work = Path(tmp)
         os.chmod(work, 0o755)
+        if args.scale:
+            engines.enter_context(scaleout.engines(work))
+        print(f"Postroom on {scaleout.describe()} engines", flush=True)
         results.append(run_postroom(work, args.messages, args.size_kb, args.sessions,
                                     args.workers))
         print(f"Postroom: accepted {results[0].accepted_rate:.0f}/s, "
