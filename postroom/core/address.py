@@ -64,3 +64,22 @@ def format_address(name: str, address: str) -> str:
         return str(Address(display_name=name, username=local, domain=domain))
     except (ValueError, IndexError):
         return f"<{address}>"
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (`::ffff:127.0.0.1`)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def plaintext_login_allowed(*, tls_active: bool, peer_ip: str, plaintext_on_loopback: bool) -> bool:
+    """The one rule every protocol applies to passwords sent in the clear (RFC 8314 §3):
+    only inside TLS, or from this machine when `[auth] plaintext_on_loopback` allows it."""
+    return tls_active or (plaintext_on_loopback and is_loopback(peer_ip))

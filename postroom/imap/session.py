@@ -12,7 +12,6 @@ import base64
 import binascii
 import contextlib
 import enum
-import ipaddress
 import logging
 import ssl
 import time
@@ -21,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from postroom import __version__
+from postroom.core.address import plaintext_login_allowed
 from postroom.core.models import (
     Flag,
     FlagError,
@@ -122,16 +122,6 @@ def _no(text: str, code: str = "") -> Reply:
 
 def _bad(text: str) -> Reply:
     return Reply("BAD", text)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 def _match(pattern: str, name: str) -> bool:
@@ -263,7 +253,8 @@ class ImapSession:
 
     def may_authenticate(self) -> bool:
         """Plaintext passwords only over TLS, or from loopback if so configured (RFC 3501 §11.1)."""
-        return self.tls_active or (self.plaintext_on_loopback and is_loopback(self.peer_ip))
+        return plaintext_login_allowed(tls_active=self.tls_active, peer_ip=self.peer_ip,
+                                       plaintext_on_loopback=self.plaintext_on_loopback)
 
     # ------------------------------------------------------------------------------ dispatch
 

@@ -13,13 +13,13 @@ import base64
 import binascii
 import contextlib
 import enum
-import ipaddress
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from postroom.core.address import plaintext_login_allowed
 from postroom.core.models import MessageRecord, User
 from postroom.pop3.locks import MaildropLocks
 from postroom.pop3.sizes import SIZES
@@ -71,16 +71,6 @@ class Maildrop:
     def stat(self) -> tuple[int, int]:
         live = self.live()
         return len(live), sum(self.sizes[i] for i in live)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 class Pop3Session:
@@ -217,7 +207,8 @@ class Pop3Session:
 
     def may_authenticate(self) -> bool:
         """RFC 2595 §2: plaintext passwords only over TLS, or from loopback if configured."""
-        return self.tls_active or (self.plaintext_on_loopback and is_loopback(self.peer_ip))
+        return plaintext_login_allowed(tls_active=self.tls_active, peer_ip=self.peer_ip,
+                                       plaintext_on_loopback=self.plaintext_on_loopback)
 
     async def cmd_capa(self, command: Command) -> None:
         await self.reply("+OK capability list follows", multiline(self.capabilities()))

@@ -19,7 +19,6 @@ import contextlib
 import email.parser
 import email.policy
 import email.utils
-import ipaddress
 import logging
 import secrets
 import ssl
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from postroom.config import SmtpSettings
-from postroom.core.address import domain_of
+from postroom.core.address import domain_of, plaintext_login_allowed
 from postroom.core.models import Envelope, User
 from postroom.service import AuthFailed, InvalidInput, MailService, RateLimited, TooManyAttempts
 from postroom.smtp.commands import (
@@ -78,16 +77,6 @@ class Transaction:
 
 class CloseSession(Exception):
     """The session ends after the reply already queued."""
-
-
-def is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
 
 
 _header_parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -157,7 +146,8 @@ class SmtpSession:
     @property
     def secure(self) -> bool:
         """May a password cross this connection? TLS, or loopback when allowed."""
-        return self.tls or (self.config.plaintext_on_loopback and is_loopback(self.client_ip))
+        return plaintext_login_allowed(tls_active=self.tls, peer_ip=self.client_ip,
+                                       plaintext_on_loopback=self.config.plaintext_on_loopback)
 
     async def run(self) -> None:
         try:
