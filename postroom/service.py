@@ -77,7 +77,7 @@ from postroom.store.events import (
     Event,
     EventBus,
 )
-from postroom.store.metadata import Expunged, ListCursor, MetadataStore, Token
+from postroom.store.metadata import Delivery, Expunged, ListCursor, MetadataStore, Token
 from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue
 from postroom.store.search import Criterion, SearchIndex
 
@@ -200,6 +200,18 @@ class SendResult:
     queued: tuple[str, ...]
     queue_item: str | None
     held: str = ""  # why the remote copy waits for the admin (queue `held`), if it does
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One received message for `deliver_many`: what `deliver` takes, and its parse if the
+    caller made one already."""
+
+    envelope: Envelope
+    raw: bytes
+    delivery_key: str | None = None
+    folders: Mapping[str, FolderRole] | None = None
+    parsed: ParsedMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -940,28 +952,85 @@ class MailService:
         with `key:recipient`, so a redelivered queue item never makes a second copy.
         `folders` picks another folder by role per user id (the spam filter's Junk).
         """
-        self._check_size(raw)
-        parsed = parse_message(raw)
-        delivered: dict[str, MessageRecord] = {}
-        unknown: list[str] = []
-        seen_users: set[str] = set()
-        for rcpt in envelope.rcpt_to:
-            user = await self.resolve_recipient(rcpt)
-            if user is None:
-                unknown.append(rcpt)
-                continue
-            if user.user_id in seen_users:  # two aliases of one user: one copy
-                continue
-            seen_users.add(user.user_id)
-            role = folders.get(user.user_id, FolderRole.INBOX) if folders else FolderRole.INBOX
-            inbox = await self.folder_by_role(user, role)
-            key = f"{delivery_key}:{user.user_id}" if delivery_key else None
-            try:
-                record, _ = await self._file(user, inbox, raw, parsed, Flags(), None, key)
-            except Conflict:
+        return (await self.deliver_many([Inbound(envelope, raw, delivery_key, folders)]))[0]
+
+    async def deliver_many(self, messages: Sequence[Inbound]) -> list[DeliveryResult]:
+        """`deliver` each message, with every copy of the batch filed in one metadata
+        transaction (one commit instead of one per copy).
+
+        Each message is parsed once (unless its parse comes with it) and its blob stored
+        (fsynced) before the records naming it are committed; caches, the search index and
+        events hear of the new records after the commit. If it raises, nothing was filed.
+        """
+        for m in messages:
+            self._check_size(m.raw)
+        users: dict[str, User | None] = {}
+        copies: list[tuple[int, str, User]] = []  # (message, recipient, user) to file
+        unknown: list[list[str]] = [[] for _ in messages]
+        for i, m in enumerate(messages):
+            seen_users: set[str] = set()
+            for rcpt in m.envelope.rcpt_to:
+                if rcpt not in users:
+                    users[rcpt] = await self.resolve_recipient(rcpt)
+                user = users[rcpt]
+                if user is None:
+                    unknown[i].append(rcpt)
+                elif user.user_id not in seen_users:  # two aliases of one user: one copy
+                    seen_users.add(user.user_id)
+                    copies.append((i, rcpt, user))
+        wanted = sorted({i for i, _, _ in copies})
+        parsed = {i: messages[i].parsed or parse_message(messages[i].raw) for i in wanted}
+        stored = await asyncio.gather(*(self.blobs.put(messages[i].raw) for i in wanted))
+        digests = dict(zip(wanted, stored, strict=True))
+        folders: dict[tuple[str, FolderRole], Folder] = {}
+        deliveries: list[Delivery] = []
+        now = time.time()
+        for i, _, user in copies:
+            m, p = messages[i], parsed[i]
+            role = m.folders.get(user.user_id, FolderRole.INBOX) if m.folders \
+                else FolderRole.INBOX
+            if (user.user_id, role) not in folders:
+                folders[user.user_id, role] = await self.folder_by_role(user, role)
+            new = NewMessage(blob_hash=digests[i], size=len(m.raw), internal_date=now,
+                             headers=p.headers, snippet=p.snippet,
+                             has_attachments=p.has_attachments, flags=Flags())
+            key = f"{m.delivery_key}:{user.user_id}" if m.delivery_key else None
+            deliveries.append(Delivery(user.user_id, folders[user.user_id, role].folder_id,
+                                       new, key))
+        results = await self._insert_deliveries(deliveries)
+        delivered: list[dict[str, MessageRecord]] = [{} for _ in messages]
+        created: list[tuple[int, MessageRecord]] = []
+        for (i, rcpt, _), result in zip(copies, results, strict=True):
+            if result is None:
                 continue  # delivered before and since expunged by the user: nothing to redo
-            delivered[rcpt] = record
-        return DeliveryResult(delivered, tuple(unknown))
+            record, new_record = result
+            delivered[i][rcpt] = record
+            if new_record:
+                created.append((i, record))
+        for user_id in dict.fromkeys(record.user_id for _, record in created):
+            await self._changed(user_id)
+        if created and self.indexer is not None:  # searchable before anyone hears of it
+            await self.indexer.added_many(
+                [(record, messages[i].raw, parsed[i]) for i, record in created])
+        for _, record in created:
+            await self._publish(self._new_event(record))
+        return [DeliveryResult(delivered[i], tuple(unknown[i])) for i in range(len(messages))]
+
+    async def _insert_deliveries(
+        self, deliveries: list[Delivery]
+    ) -> list[tuple[MessageRecord, bool] | None]:
+        try:
+            return await self.metadata.insert_messages(deliveries)
+        except NotFound:
+            raise NotFoundError("no such folder") from None
+        except Conflict:
+            if len(deliveries) == 1:
+                return [None]
+        # A user went away under the batch: file each copy alone, skipping that user's.
+        results: list[tuple[MessageRecord, bool] | None] = []
+        for delivery in deliveries:
+            results += await self._insert_deliveries([delivery])
+        return results
 
     async def screen_incoming(self, envelope: Envelope, raw: bytes) -> Screening:
         """The spam filter's SMTP-time look at a message from the internet (nothing to say

@@ -13,6 +13,13 @@ dies first, the lease runs out and another worker takes it, and the delivery key
 run a no-op for recipients already served, so a redelivered item never makes a second copy.
 A step that fails for a passing reason (engine down, disk full) raises; the item is retried
 with backoff and never lost.
+
+Batches: a worker takes up to BATCH due items at once (one queue transaction) and runs each step
+over all of them before the next step, so the deliver step files every copy of the batch in one
+metadata transaction and the batch is acked in one more: a handful of commits per batch instead
+of several per message. A step may do a batch at once (`run_batch`, with the same effects as
+`run` on each message); if that raises, the pipeline runs the step on each message alone, so one
+bad message only ever fails itself. Under light load a batch is the one item that is due.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from postroom.core.models import Envelope, FolderRole
-from postroom.service import DeliveryResult, MailService
+from postroom.service import DeliveryResult, Inbound, MailService
 from postroom.store.queue import INCOMING, Queue, QueueItem
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (5.0, 30.0, 120.0, 600.0)
 # How long a taken item stays ours without news; extended while we work on it.
 LEASE = 10.0
+# Items a worker takes at once: enough to share commits, few enough that a batch is quick.
+BATCH = 64
 
 
 class Rejected(Exception):
@@ -55,6 +65,11 @@ class IncomingMessage:
 
 
 class Step(Protocol):
+    """One stage of the pipeline. A step may also have `async run_batch(messages)`: `run` for
+    each message, done for the batch at once, returning per message None or the exception that
+    stopped it. If run_batch itself raises, the pipeline runs `run` on each message instead (so
+    a step raises only when that is safe to do)."""
+
     name: str
 
     async def run(self, message: IncomingMessage) -> None: ...
@@ -92,7 +107,20 @@ class DeliverToMailboxes:
             message.envelope, message.raw, delivery_key=message.item.item_id,
             folders=message.folders or None,
         )
-        if message.result.unknown:
+        self._log_unknown(message)
+
+    async def run_batch(self, messages: list[IncomingMessage]) -> list[BaseException | None]:
+        # All or nothing, and idempotent by the delivery keys: on failure, each alone.
+        results = await self.service.deliver_many([
+            Inbound(m.envelope, m.raw, m.item.item_id, m.folders or None) for m in messages])
+        for message, result in zip(messages, results, strict=True):
+            message.result = result
+            self._log_unknown(message)
+        return [None] * len(messages)
+
+    @staticmethod
+    def _log_unknown(message: IncomingMessage) -> None:
+        if message.result is not None and message.result.unknown:
             log.warning("incoming item %s: unknown recipients %s", message.item.item_id,
                         message.result.unknown)
 
@@ -114,6 +142,40 @@ class IncomingPipeline:
             await step.run(message)
         return message
 
+    async def process_batch(
+        self, items: Sequence[QueueItem]
+    ) -> dict[str, BaseException | None]:
+        """Run every item through the steps, step by step; per item id, None when it went
+        through, else the exception that stopped it (Rejected: dropped, else: retry)."""
+        outcome: dict[str, BaseException | None] = {item.item_id: None for item in items}
+        live = [IncomingMessage(item) for item in items]
+        for step in self.steps:
+            if not live:
+                break
+            run_batch = getattr(step, "run_batch", None)
+            errors: list[BaseException | None] | None = None
+            if run_batch is not None and len(live) > 1:
+                try:
+                    errors = list(await run_batch(live))
+                except Exception:
+                    log.warning("incoming step %s failed for a batch of %d; running each alone",
+                                step.name, len(live), exc_info=True)
+            if errors is None:
+                errors = list(await asyncio.gather(*(_run_step(step, m) for m in live)))
+            for message, error in zip(live, errors, strict=True):
+                if error is not None:
+                    outcome[message.item.item_id] = error
+            live = [m for m, error in zip(live, errors, strict=True) if error is None]
+        return outcome
+
+
+async def _run_step(step: Step, message: IncomingMessage) -> BaseException | None:
+    try:
+        await step.run(message)
+    except Exception as exc:
+        return exc
+    return None
+
 
 def _spam_steps(service: MailService) -> list[Step]:
     """Authentication and spam checks (postroom.spam), when the app turned them on."""
@@ -123,38 +185,51 @@ def _spam_steps(service: MailService) -> list[Step]:
     return [SpamCheck(service, service.spam)] if isinstance(service.spam, SpamFilter) else []
 
 
-async def _hold_lease(queue: Queue, item: QueueItem, lease: float) -> None:
-    """Extend the item's lease while a step is still working on it.
+async def _hold_leases(queue: Queue, items: Sequence[QueueItem], lease: float) -> None:
+    """Extend the items' leases while the steps are still working on them.
 
     Leases are short so that items a crashed node had taken are due again within seconds of a
-    restart; a long-running pipeline keeps its item by pushing `not_before` out (a retry with
+    restart; a long-running pipeline keeps its items by pushing `not_before` out (a retry with
     the same attempt number is the queue's way to move an item's due time without releasing
     it: a late ack of this lease still matches).
     """
     while True:
         await asyncio.sleep(lease / 3)
-        await queue.retry(item, lease, error=item.last_error)
+        for item in items:
+            await queue.retry(item, lease, error=item.last_error)
+
+
+async def handle_batch(
+    pipeline: IncomingPipeline, queue: Queue, items: Sequence[QueueItem], lease: float = 0.0
+) -> None:
+    """Run the items through the pipeline, then ack those done (or rejected) together and
+    schedule a retry for each that failed."""
+    holder = asyncio.create_task(_hold_leases(queue, items, lease)) if lease > 0 else None
+    try:
+        outcome = await pipeline.process_batch(items)
+    finally:
+        await _stop(holder)
+    for item in items:
+        error = outcome[item.item_id]
+        if isinstance(error, Rejected):
+            log.warning("incoming item %s rejected: %s", item.item_id, error)
+    await queue.ack_many([item for item in items
+                          if outcome[item.item_id] is None
+                          or isinstance(outcome[item.item_id], Rejected)])
+    for item in items:
+        error = outcome[item.item_id]
+        if error is not None and not isinstance(error, Rejected):
+            delay = RETRY_DELAYS[min(item.attempts - 1, len(RETRY_DELAYS) - 1)]
+            log.error("incoming item %s failed (attempt %d); retrying in %.0fs",
+                      item.item_id, item.attempts, delay, exc_info=error)
+            await queue.retry(item, delay, error=repr(error)[:500])
 
 
 async def handle_item(
     pipeline: IncomingPipeline, queue: Queue, item: QueueItem, lease: float = 0.0
 ) -> None:
     """Run one item through the pipeline, then ack it, or schedule a retry if a step failed."""
-    holder = asyncio.create_task(_hold_lease(queue, item, lease)) if lease > 0 else None
-    try:
-        await pipeline.process(item)
-    except Rejected as exc:
-        log.warning("incoming item %s rejected: %s", item.item_id, exc)
-    except Exception as exc:
-        delay = RETRY_DELAYS[min(item.attempts - 1, len(RETRY_DELAYS) - 1)]
-        log.exception("incoming item %s failed (attempt %d); retrying in %.0fs",
-                      item.item_id, item.attempts, delay)
-        await _stop(holder)
-        await queue.retry(item, delay, error=repr(exc)[:500])
-        return
-    finally:
-        await _stop(holder)
-    await queue.ack(item)
+    await handle_batch(pipeline, queue, [item], lease)
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -170,18 +245,19 @@ async def run_incoming_worker(
     stop: asyncio.Event,
     lease: float = LEASE,
     pipeline: IncomingPipeline | None = None,
+    batch: int = BATCH,
 ) -> None:
     pipeline = pipeline or IncomingPipeline(service)
     while not stop.is_set():
         try:
-            item = await queue.take(INCOMING, lease=lease, wait=1.0)
+            items = await queue.take_many(INCOMING, max_items=batch, lease=lease, wait=1.0)
         except Exception:
             log.exception("taking from the incoming queue failed")
             await asyncio.sleep(1.0)
             continue
-        if item is None:
+        if not items:
             continue
         try:
-            await handle_item(pipeline, queue, item, lease)
-        except Exception:  # the ack or retry itself failed: the lease brings the item back
-            log.exception("finishing incoming item %s failed", item.item_id)
+            await handle_batch(pipeline, queue, items, lease)
+        except Exception:  # the ack or retry itself failed: the lease brings the items back
+            log.exception("finishing %d incoming item(s) failed", len(items))

@@ -11,6 +11,7 @@ the index does not know.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -44,6 +45,26 @@ class Indexer:
             await self.index.index([await make_document(record, raw, parsed)])
         except Exception:
             log.exception("indexing message %s failed", record.message_id)
+
+    async def added_many(
+        self, messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage]]
+    ) -> None:
+        """`added` for a batch of new records, in one index transaction. Copies of one message
+        (the same bytes for several recipients) share one document build."""
+        try:
+            built: dict[int, IndexDocument] = {}
+            docs: list[IndexDocument] = []
+            for record, raw, parsed in messages:
+                doc = built.get(id(raw))
+                if doc is None:
+                    doc = built[id(raw)] = await make_document(record, raw, parsed)
+                else:
+                    doc = dataclasses.replace(doc, user_id=record.user_id,
+                                              state=doc_state(record))
+                docs.append(doc)
+            await self.index.index(docs)
+        except Exception:
+            log.exception("indexing %d new messages failed", len(messages))
 
     async def copied(self, records: Sequence[MessageRecord]) -> None:
         for record in records:

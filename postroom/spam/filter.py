@@ -383,6 +383,23 @@ class SpamFilter:
             analysis.subjects, ham=0.0 if junk else 0.2, spam=0.2 if junk else 0.0,
             now=time.time(), half_life=self.settings.reputation_half_life)
 
+    async def record_verdicts(self, verdicts: Sequence[tuple[Analysis, bool]]) -> None:
+        """`record_verdict` for several messages: each subject's votes summed, one write per
+        distinct sum rather than one per message (the decay makes the two the same)."""
+        totals: dict[str, tuple[float, float]] = {}
+        for analysis, junk in verdicts:
+            for subject in dict.fromkeys(analysis.subjects):
+                ham, spam = totals.get(subject, (0.0, 0.0))
+                totals[subject] = (ham + (0.0 if junk else 0.2), spam + (0.2 if junk else 0.0))
+        groups: dict[tuple[float, float], list[str]] = {}
+        for subject, (ham, spam) in totals.items():
+            groups.setdefault((round(ham, 6), round(spam, 6)), []).append(subject)
+        now = time.time()
+        for (ham, spam), subjects in groups.items():
+            await self.metadata.add_reputation(
+                subjects, ham=ham, spam=spam, now=now,
+                half_life=self.settings.reputation_half_life)
+
     # ------------------------------------------------------------------------- outbound
 
     async def send_refusal(self, user: User, recipients: int) -> str | None:

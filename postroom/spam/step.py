@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -24,6 +25,23 @@ class SpamCheck:
         self.filter = spam_filter
 
     async def run(self, message: IncomingMessage) -> None:
+        await self.filter.record_verdict(*await self._decide(message))
+
+    async def run_batch(self, messages: list[IncomingMessage]) -> list[BaseException | None]:
+        """Each message decided as `run` does; the sender votes of those decided recorded
+        together. A message whose decision or vote failed is retried later, as with `run`."""
+        outcomes = await asyncio.gather(*(self._decide(m) for m in messages),
+                                        return_exceptions=True)
+        errors: list[BaseException | None] = [
+            o if isinstance(o, BaseException) else None for o in outcomes]
+        verdicts = [o for o in outcomes if not isinstance(o, BaseException)]
+        try:
+            await self.filter.record_verdicts(verdicts)
+        except Exception as exc:
+            errors = [e if e is not None else exc for e in errors]
+        return errors
+
+    async def _decide(self, message: IncomingMessage) -> tuple[Analysis, bool]:
         data = json.loads(message.item.payload).get("screening")
         if data:
             analysis = Analysis.from_json(data)
@@ -42,6 +60,6 @@ class SpamCheck:
             message.verdicts[user.user_id] = (
                 f"{'junk' if decision.junk else 'inbox'} {decision.score:.2f} "
                 + " ".join(decision.reasons)).strip()
-        await self.filter.record_verdict(analysis, junk_any)
         log.info("incoming item %s: spam score %.2f (%s)", message.item.item_id, analysis.score,
                  ", ".join(analysis.reasons[:6]))
+        return analysis, junk_any

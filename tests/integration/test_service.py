@@ -133,6 +133,10 @@ async def test_workers_drain_the_incoming_queue(node: Postroom, users: tuple[Use
     await sub.close()
     page = await svc(node).list_messages(bob, "INBOX", limit=100)
     assert sorted(m.headers.subject for m in page.messages) == sorted(f"n{n}" for n in range(20))
+    for _ in range(500):  # the ack follows the delivery (and its event) shortly
+        if not await node.queue.size(INCOMING):
+            break
+        await asyncio.sleep(0.02)
     assert await node.queue.size(INCOMING) == 0
 
 
