@@ -2,9 +2,14 @@
 
 One subscription per node (not per connection) reads every event and wakes the sessions of the
 event's user that have the event's folder selected, so 10,000 idle connections cost one bus
-subscriber, a dict entry each and no task of their own beyond their reader. A session woken
-re-reads its folder from MailService; the event only says "look again". When the bus drops the
+subscriber, a dict entry each and no task of their own beyond their reader. When the bus drops the
 subscriber (it fell behind), every session is woken, since any of them may have missed a change.
+
+Fan-out is per user and folder, not per connection: for a new message the hub reads its record
+once (through the loader of one of the watching sessions) and then calls every watcher with it
+at hand (`loaded`), so a thousand IDLE sessions of one mailbox cost one store read and a
+thousand small socket writes, not a thousand reads and task wake-ups. Events of one folder are
+handed out in the order they came, even while such a read is under way.
 
 The hub also keeps what RFC 3501 makes per-server rather than per-session: the connection count
 per user (a limit), and which messages some session has already been shown as \\Recent.
@@ -16,20 +21,27 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from postroom.store.events import MESSAGE_MOVED, Event, EventBus
+from postroom.core.models import MessageRecord
+from postroom.store.events import MESSAGE_MOVED, MESSAGE_NEW, Event, EventBus
 
 log = logging.getLogger(__name__)
 
 Waker = Callable[[Event | None], None]
+Loader = Callable[[Event], Awaitable["MessageRecord | None"]]
 
 
 class SessionHub:
     def __init__(self, events: EventBus) -> None:
         self.events = events
         self._watchers: dict[tuple[str, str], set[Waker]] = {}
+        self._loaders: dict[tuple[str, str], Loader] = {}
+        # folders whose events wait behind a record being read: delivered in order after it
+        self._queued: dict[tuple[str, str], list[Event]] = {}
+        self._loaded: dict[tuple[str, str], MessageRecord] = {}
+        self._fanouts: set[asyncio.Task[None]] = set()
         self._connections: dict[str, int] = {}
         self._recent: dict[tuple[str, str], int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -74,16 +86,68 @@ class SessionHub:
             if isinstance(source, str):
                 folders.append(source)
         for folder_id in folders:
-            for wake in list(self._watchers.get((event.user_id, folder_id), ())):
+            key = (event.user_id, folder_id)
+            if key not in self._watchers:
+                continue
+            queued = self._queued.get(key)
+            if queued is not None:
+                queued.append(event)
+            elif event.type == MESSAGE_NEW and folder_id == event.folder_id \
+                    and key in self._loaders:
+                self._queued[key] = [event]
+                task = asyncio.create_task(self._fan_out(key), name="imap-hub-fanout")
+                self._fanouts.add(task)
+                task.add_done_callback(self._fanouts.discard)
+            else:
+                self._deliver(key, event)
+
+    def _deliver(self, key: tuple[str, str], event: Event) -> None:
+        for wake in list(self._watchers.get(key, ())):
+            try:
                 wake(event)
+            except Exception:  # one broken session must not starve the others
+                log.exception("imap session wake-up failed")
+
+    async def _fan_out(self, key: tuple[str, str]) -> None:
+        """Deliver the folder's queued events in order, reading each new record once."""
+        queue = self._queued[key]
+        try:
+            while queue:
+                event = queue.pop(0)
+                record = None
+                loader = self._loaders.get(key)
+                if event.type == MESSAGE_NEW and loader is not None:
+                    try:
+                        record = await loader(event)
+                    except Exception as exc:  # the sessions read it themselves, later
+                        log.debug("imap hub could not read %s: %r", event.message_id, exc)
+                rkey = (event.user_id, event.message_id)
+                if record is not None:
+                    self._loaded[rkey] = record
+                try:
+                    self._deliver(key, event)
+                finally:
+                    self._loaded.pop(rkey, None)
+        finally:
+            del self._queued[key]
+
+    def loaded(self, event: Event) -> MessageRecord | None:
+        """The record of the new message being handed out right now, if the hub read it."""
+        record = self._loaded.get((event.user_id, event.message_id))
+        if record is None or record.uid != event.uid or record.folder_id != event.folder_id:
+            return None
+        return record
 
     def wake_all(self) -> None:
         for wakers in list(self._watchers.values()):
             for wake in list(wakers):
                 wake(None)
 
-    def watch(self, user_id: str, folder_id: str, wake: Waker) -> None:
+    def watch(self, user_id: str, folder_id: str, wake: Waker, loader: Loader | None = None
+              ) -> None:
         self._watchers.setdefault((user_id, folder_id), set()).add(wake)
+        if loader is not None:
+            self._loaders.setdefault((user_id, folder_id), loader)
 
     def unwatch(self, user_id: str, folder_id: str, wake: Waker) -> None:
         key = (user_id, folder_id)
@@ -92,6 +156,7 @@ class SessionHub:
             wakers.discard(wake)
             if not wakers:
                 del self._watchers[key]
+                self._loaders.pop(key, None)
 
     # -- per-user connection limit
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from postroom.core.models import Folder, MessageRecord
 from postroom.imap.parser import SequenceSet, resolve
@@ -148,9 +148,17 @@ class Selected:
         self.records[record.uid] = record
         if recent:
             self.recent.add(record.uid)
-        from dataclasses import replace
-
         self.folder = replace(self.folder, uidnext=record.uid + 1)
+        self.highestmodseq = max(self.highestmodseq, record.modseq)
+        return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
+
+    def append_new(self, record: MessageRecord, recent: bool) -> list[bytes]:
+        """A message filed elsewhere above every uid the session knows: EXISTS and RECENT."""
+        self.uids.append(record.uid)
+        self.records[record.uid] = record
+        if recent:
+            self.recent.add(record.uid)
+        self.folder = replace(self.folder, uidnext=max(self.folder.uidnext, record.uid + 1))
         self.highestmodseq = max(self.highestmodseq, record.modseq)
         return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
 
