@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import json
 import os
@@ -40,7 +41,7 @@ from pathlib import Path
 
 from postroom.core.message import parse_message
 from postroom.core.models import Flag, Flags, Folder, FolderRole, HeaderSummary, MessageRecord
-from postroom.search.document import build_document
+from postroom.search.document import DocumentPool, build_document
 from postroom.search.engine import plan
 from postroom.search.query import parse_query, positive_terms
 from postroom.search.snippet import highlight, term_words
@@ -55,6 +56,8 @@ SPAN = 3 * 365 * 86400.0
 FOLDERS = [Folder(USER, fid, name, role, 1, 1, 1) for fid, name, role in (
     ("f-inbox", "INBOX", FolderRole.INBOX), ("f-archive", "Archive", FolderRole.ARCHIVE),
     ("f-trash", "Trash", FolderRole.TRASH), ("f-junk", "Junk", FolderRole.JUNK))]
+BATCH = 200  # documents per index transaction
+AHEAD = 4  # batches being built while one is written
 _HIDDEN = "not folder:.Trash and not folder:.Junk"
 
 # (Postroom query, notmuch query or None when notmuch has no equivalent)
@@ -156,6 +159,11 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
 # ---- Postroom --------------------------------------------------------------------------------
 
 
+def _documents(batch: tuple[int, list[Mail]]) -> list[IndexDocument]:
+    start, mails = batch
+    return [_document(start + k, mail) for k, mail in enumerate(mails)]
+
+
 def _document(i: int, mail: Mail) -> IndexDocument:
     flags = (Flag.SEEN if mail.seen else Flag(0)) | (Flag.FLAGGED if mail.flagged else Flag(0))
     parsed = parse_message(mail.raw)
@@ -165,21 +173,22 @@ def _document(i: int, mail: Mail) -> IndexDocument:
     return build_document(record, mail.raw, parsed)
 
 
-async def postroom_run(mails: list[Mail], workdir: Path, repeat: int
+async def postroom_run(mails: list[Mail], workdir: Path, repeat: int, workers: int | None
                        ) -> tuple[float, dict[str, list[float]], dict[str, int]]:
     index = SqliteSearchIndex(str(workdir / "search.db"))
     await index.open()
+    pool = DocumentPool(workers)  # as `postroom search reindex` builds them
     start = time.perf_counter()
-    batch: list[IndexDocument] = []
-    for i, mail in enumerate(mails):
-        batch.append(_document(i, mail))
-        if len(batch) == 200:
-            await index.index(batch)
-            batch = []
-        if (i + 1) % 10000 == 0:
-            print(f"  postroom indexed {i + 1}", flush=True)
-    await index.index(batch)
+    pending: collections.deque[asyncio.Future[list[IndexDocument]]] = collections.deque()
+    done = 0
+    for at in range(0, len(mails), BATCH):
+        pending.append(asyncio.ensure_future(pool.run(_documents, (at, mails[at : at + BATCH]))))
+        if len(pending) > AHEAD:
+            done += await _write(index, pending.popleft(), done)
+    while pending:
+        done += await _write(index, pending.popleft(), done)
     rate = len(mails) / (time.perf_counter() - start)
+    pool.close()
     dates = _dates()
     times: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
@@ -202,6 +211,15 @@ async def postroom_run(mails: list[Mail], workdir: Path, repeat: int
         counts[text] = len(hits)
     await index.close()
     return rate, times, counts
+
+
+async def _write(index: SqliteSearchIndex, built: asyncio.Future[list[IndexDocument]],
+                 done: int) -> int:
+    docs = await built
+    await index.index(docs)
+    if (done + len(docs)) // 10000 > done // 10000:
+        print(f"  postroom indexed {done + len(docs)}", flush=True)
+    return len(docs)
 
 
 # ---- notmuch -----------------------------------------------------------------------------------
@@ -280,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query")
     parser.add_argument("--no-notmuch", action="store_true")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes building documents (default: one per core; 0: none)")
     parser.add_argument("--keep", metavar="DIR", help="work here and keep the files")
     args = parser.parse_args(argv)
     corpus = load_corpus()
@@ -289,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-search-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        p_rate, p_times, p_counts = asyncio.run(postroom_run(mails, workdir, args.repeat))
+        p_rate, p_times, p_counts = asyncio.run(postroom_run(mails, workdir, args.repeat,
+                                                                  args.workers))
         p_size = sum(p.stat().st_size for p in workdir.glob("search.db*"))
         print(f"postroom: {p_rate:.0f} msg/s, index {p_size / 1e6:.0f} MB", flush=True)
         n_rate = 0.0

@@ -7,7 +7,12 @@ then checks: a substring IMAP would find is always in the indexed text.
 
 from __future__ import annotations
 
-from postroom.core.message import ParsedMessage, decode_bytes, html_to_text
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+from postroom.core.message import ParsedMessage, decode_bytes, html_to_text, parse_message
 from postroom.core.models import Flags, HeaderSummary, MessageRecord
 from postroom.imap import mime
 from postroom.imap.search import Candidate
@@ -17,6 +22,8 @@ from postroom.store.search import (
     DocState,
     IndexDocument,
 )
+
+A = TypeVar("A")
 
 
 def doc_state(record: MessageRecord) -> DocState:
@@ -81,3 +88,48 @@ _NO_RECORD = MessageRecord(
     headers=HeaderSummary(),
     snippet="", has_attachments=False, thread_id="",
 )
+
+
+def build_from_raw(record: MessageRecord, raw: bytes) -> IndexDocument:
+    """`build_document` parsing the message itself (what a pool worker runs)."""
+    return build_document(record, raw, parse_message(raw))
+
+
+def build_batch(items: list[tuple[MessageRecord, bytes]]) -> list[IndexDocument]:
+    """Documents for a batch of records: one pool task per batch keeps the hand-offs few."""
+    return [build_from_raw(record, raw) for record, raw in items]
+
+
+class DocumentPool:
+    """Builds index documents in worker processes, for bulk indexing (import, reindex).
+
+    Parsing and building a document is pure Python and costs about as much as writing it to
+    the index, so on a machine with more than one core the builds of the next batches run
+    beside the index writes of this one. One core (or workers=0): built in this process.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        import os
+
+        count = (os.cpu_count() or 1) if workers is None else workers
+        self._pool: ProcessPoolExecutor | None = None
+        if count > 1:
+            import multiprocessing
+
+            # forkserver: no copy of the caller's threads and event loop in the workers
+            self._pool = ProcessPoolExecutor(
+                count, mp_context=multiprocessing.get_context("forkserver"))
+
+    async def build(self, items: list[tuple[MessageRecord, bytes]]) -> list[IndexDocument]:
+        return await self.run(build_batch, items)
+
+    async def run(self, fn: Callable[[A], list[IndexDocument]], arg: A) -> list[IndexDocument]:
+        """`fn(arg)` on a worker (fn must be a module-level function: it is pickled)."""
+        if self._pool is None:
+            return fn(arg)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, arg)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

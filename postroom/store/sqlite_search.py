@@ -99,6 +99,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS grams_b USING fts5(
 SCHEMA_VERSION = 2
 _TABLES = ("docs", "search_users", "words", "grams", "grams_h", "grams_b")
 _GRAMS = {"headers": "grams_h", "body": "grams_b"}
+_DRIVE_CAP = 3000  # below this many candidates a search starts from them (see _driver)
 _MAX_TRIGRAMS = 24  # trigrams of one needle looked up; any subset still gives a superset
 
 _COLUMN = {"from": "f_from", "to": "f_to", "cc": "f_cc", "bcc": "f_bcc",
@@ -154,6 +155,13 @@ def _fts(node: Filter) -> str | None:
             return None
         return "(" + " OR ".join(f"({e})" for e in exprs) + ")"
     return None
+
+
+def _conjuncts(node: Filter) -> list[Filter]:
+    """The parts every match must satisfy (nested Ands flattened)."""
+    if isinstance(node, And):
+        return [part for child in node.children for part in _conjuncts(child)]
+    return [node]
 
 
 class _Compiler:
@@ -345,21 +353,6 @@ class SqliteSearchIndex:
         row = conn.execute("SELECT n FROM search_users WHERE user_id = ?", (user_id,)).fetchone()
         return int(row[0]) if row else None
 
-    @staticmethod
-    def _new_id(conn: sqlite3.Connection, user_id: str) -> int:
-        row = conn.execute(
-            "UPDATE search_users SET next_seq = next_seq + 1 WHERE user_id = ? "
-            "RETURNING n, next_seq - 1", (user_id,)).fetchone()
-        if row is None:
-            row = conn.execute(
-                "INSERT INTO search_users (user_id, n, next_seq) VALUES "
-                "(?, (SELECT coalesce(max(n), 0) + 1 FROM search_users), 2) RETURNING n, 1",
-                (user_id,)).fetchone()
-        n, seq = int(row[0]), int(row[1])
-        if seq >= 1 << _USER_BITS:
-            raise OverflowError("search index: too many documents for one user; reindex")
-        return (n << _USER_BITS) | seq
-
     # ---- writes
 
     @staticmethod
@@ -379,31 +372,77 @@ class SqliteSearchIndex:
              " ".join(s.keywords), s.internal_date, s.size, blob_hash, int(has_attachments),
              int(partial)))
 
+    @staticmethod
+    def _new_ids(conn: sqlite3.Connection, user_ids: Sequence[str]) -> list[int]:
+        """Fresh document ids, one per entry (users may repeat), with one counter update per
+        user: statements other than full-text inserts are kept out of the run of inserts,
+        because each statement transaction makes FTS5 flush its pending terms to a new
+        segment (fts5SavepointMethod), which more than doubled the cost of a batch."""
+        counts: dict[str, int] = {}
+        for user_id in user_ids:
+            counts[user_id] = counts.get(user_id, 0) + 1
+        first: dict[str, tuple[int, int]] = {}
+        for user_id, count in counts.items():
+            row = conn.execute(
+                "UPDATE search_users SET next_seq = next_seq + ? WHERE user_id = ? "
+                "RETURNING n, next_seq - ?", (count, user_id, count)).fetchone()
+            if row is None:
+                row = conn.execute(
+                    "INSERT INTO search_users (user_id, n, next_seq) VALUES "
+                    "(?, (SELECT coalesce(max(n), 0) + 1 FROM search_users), ?) "
+                    "RETURNING n, 1", (user_id, count + 1)).fetchone()
+            n, seq = int(row[0]), int(row[1])
+            if seq + count > 1 << _USER_BITS:
+                raise OverflowError("search index: too many documents for one user; reindex")
+            first[user_id] = (n, seq)
+        ids = []
+        for user_id in user_ids:
+            n, seq = first[user_id]
+            ids.append((n << _USER_BITS) | seq)
+            first[user_id] = (n, seq + 1)
+        return ids
+
     async def index(self, docs: Sequence[IndexDocument]) -> None:
         if not docs:
             return
 
         def run(conn: sqlite3.Connection) -> None:
-            for doc in docs:
-                old = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+            # the last of a message id in the batch wins, as if indexed one after another
+            latest = {(d.user_id, d.state.message_id): d for d in docs}
+            batch = list(latest.values())
+            old = []
+            for doc in batch:
+                row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
                                    (doc.user_id, doc.state.message_id)).fetchone()
-                if old is not None:
-                    self._delete_ids(conn, [int(old[0])])
-                doc_id = self._new_id(conn, doc.user_id)
-                headers, body = doc.imap_headers, doc.imap_body
-                partial = doc.partial or len(headers) > MAX_IMAP_TEXT \
-                    or len(body) > MAX_IMAP_TEXT
-                self._insert_doc_row(conn, doc_id, doc.user_id, doc.state, doc.blob_hash,
-                                     doc.has_attachments, partial)
-                conn.execute(
-                    "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
-                    "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc_id, _text(doc.from_), _text(doc.to), _text(doc.cc), _text(doc.bcc),
-                     _text(doc.subject), _text(doc.body), _text(doc.filenames)))
-                conn.execute("INSERT INTO grams_h (rowid, text) VALUES (?, ?)",
-                             (doc_id, _text(headers[:MAX_IMAP_TEXT])))
-                conn.execute("INSERT INTO grams_b (rowid, text) VALUES (?, ?)",
-                             (doc_id, _text(body[:MAX_IMAP_TEXT])))
+                if row is not None:
+                    old.append(int(row[0]))
+            if old:
+                self._delete_ids(conn, old)
+            ids = self._new_ids(conn, [d.user_id for d in batch])
+            rows = []
+            for doc_id, doc in zip(ids, batch, strict=True):
+                s = doc.state
+                partial = doc.partial or len(doc.imap_headers) > MAX_IMAP_TEXT \
+                    or len(doc.imap_body) > MAX_IMAP_TEXT
+                rows.append((doc_id, doc.user_id, s.message_id, s.folder_id, s.uid, s.sysflags,
+                             " ".join(s.keywords), s.internal_date, s.size, doc.blob_hash,
+                             int(doc.has_attachments), int(partial)))
+            conn.executemany(
+                "INSERT INTO docs (id, user_id, message_id, folder_id, uid, sysflags, keywords, "
+                "internal_date, size, blob_hash, has_attachments, partial) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            # the full-text inserts last, each table in one run (see _new_ids)
+            conn.executemany(
+                "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+                "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, _text(d.from_), _text(d.to), _text(d.cc), _text(d.bcc), _text(d.subject),
+                  _text(d.body), _text(d.filenames)) for i, d in zip(ids, batch, strict=True)])
+            conn.executemany("INSERT INTO grams_h (rowid, text) VALUES (?, ?)",
+                             [(i, _text(d.imap_headers[:MAX_IMAP_TEXT]))
+                              for i, d in zip(ids, batch, strict=True)])
+            conn.executemany("INSERT INTO grams_b (rowid, text) VALUES (?, ?)",
+                             [(i, _text(d.imap_body[:MAX_IMAP_TEXT]))
+                              for i, d in zip(ids, batch, strict=True)])
 
         await self._write(run)
 
@@ -418,7 +457,7 @@ class SqliteSearchIndex:
                                (user_id, state.message_id)).fetchone()
             if old is not None:
                 self._delete_ids(conn, [int(old[0])])
-            doc_id = self._new_id(conn, user_id)
+            doc_id = self._new_ids(conn, [user_id])[0]
             self._insert_doc_row(conn, doc_id, user_id, state, blob_hash, bool(src[1]),
                                  bool(src[2]))
             conn.execute(
@@ -481,6 +520,46 @@ class SqliteSearchIndex:
 
         return await self._read(run)
 
+    @staticmethod
+    def _driver(conn: sqlite3.Connection, user_id: str, lo: int, hi: int, query: Filter,
+                params: list[object]) -> str:
+        """The FROM clause of a date-sorted search: start from the smaller side.
+
+        SQLite's own plan walks `docs` newest first and tests each row, which stops early when
+        matches are common but reads most of the mailbox when a rare word (or a small folder)
+        meets a broad filter. So the positive words and folders every result must have are
+        counted first, up to _DRIVE_CAP, and when one side is that small the query starts
+        from it (CROSS JOIN and INDEXED BY fix the loop order) and sorts what it found.
+        """
+        words: list[str] = []
+        folders: list[InFolders] = []
+        for node in _conjuncts(query):
+            expr = _fts(node)
+            if expr is not None:
+                words.append(f"({expr})")
+            elif isinstance(node, InFolders) and node.folder_ids:
+                folders.append(node)
+        best: tuple[int, str, list[object]] | None = None
+        if words:
+            match = " AND ".join(words)
+            count = conn.execute(
+                "SELECT count(*) FROM (SELECT 1 FROM words WHERE words MATCH ? "
+                "AND rowid BETWEEN ? AND ? LIMIT ?)", (match, lo, hi, _DRIVE_CAP)).fetchone()[0]
+            best = (count, "FROM (SELECT rowid AS rid FROM words WHERE words MATCH ? "
+                    "AND rowid BETWEEN ? AND ?) m CROSS JOIN docs d ON d.id = m.rid ",
+                    [match, lo, hi])
+        for node in folders:
+            marks = ",".join("?" * len(node.folder_ids))
+            count = conn.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM docs WHERE user_id = ? AND folder_id "
+                f"IN ({marks}) LIMIT ?)", (user_id, *node.folder_ids, _DRIVE_CAP)).fetchone()[0]
+            if best is None or count < best[0]:
+                best = (count, "FROM docs d INDEXED BY docs_by_folder ", [])
+        if best is None or best[0] >= _DRIVE_CAP:
+            return "FROM docs d "
+        params += best[2]
+        return best[1]
+
     async def search(
         self,
         user_id: str,
@@ -511,7 +590,8 @@ class SqliteSearchIndex:
                        "ON r.rid = d.id ")
                 params += [rank_expr, lo, hi]
             else:
-                sql = "SELECT d.id, d.message_id, d.internal_date, 0 FROM docs d "
+                sql = "SELECT d.id, d.message_id, d.internal_date, 0 " + self._driver(
+                    conn, user_id, lo, hi, query, params)
             sql += f"WHERE d.user_id = ? AND d.id BETWEEN ? AND ? AND {where}"
             params += [user_id, lo, hi, *comp.params]
             if before is not None and rank_expr is None:
