@@ -72,8 +72,8 @@ class ListenerSettings(BaseModel):
     smtp: str = "127.0.0.1:2525"  # MX; port 25 in production
     submission: str = "127.0.0.1:5870"  # STARTTLS; port 587 in production
     submissions: str = "127.0.0.1:4650"  # implicit TLS; port 465 in production
-    imap: str = "127.0.0.1:1143"  # STARTTLS; 143 in production
-    imaps: str = "127.0.0.1:9930"  # implicit TLS; 993 in production
+    imap: str = ""
+    imaps: str = ""
     pop3: str = "127.0.0.1:1110"  # STLS; 110 in production
     pop3s: str = "127.0.0.1:9950"  # implicit TLS; 995 in production
 
@@ -200,12 +200,25 @@ class DeliverySettings(BaseModel):
     command_timeout: float = 300.0  # RFC 5321 §4.5.3.2: 5 minutes per command
     data_timeout: float = 600.0  # RFC 5321 §4.5.3.2.6: 10 minutes for the final reply
     idle_timeout: float = 30.0  # an idle connection is kept this long for the next message
+    # How long a taken item stays a worker's without news; extended while it is delivered, so
+    # after a crash the item is due again this soon after a restart (never lost, maybe doubled).
+    lease: float = Field(default=30.0, gt=0)
+    # A "delayed" DSN (RFC 3464) to the sender once per message still undelivered after this
+    # long; 0 turns it off.
+    delay_notice: float = Field(default=4 * 3600.0, ge=0)
     tls: Literal["opportunistic", "none"] = "opportunistic"  # STARTTLS whenever offered
+    # Verify MX hosts' certificates (name and chain): TLS becomes required and a host whose
+    # certificate does not verify is not used. Off by default: opportunistic TLS (RFC 7435).
+    tls_verify: bool = False
+    # CA certificates (PEM) that verification trusts; empty: the system's store.
+    tls_ca_file: str = ""
     # A relay host (HOST:PORT) that replaces MX routing, with optional AUTH.
     smarthost: str = ""
     smarthost_tls: Literal["starttls", "implicit", "opportunistic", "none"] = "starttls"
     smarthost_username: str = ""
     smarthost_password: str = ""
+    # Verify the smarthost's certificate (it is one host we chose, unlike MX hosts).
+    smarthost_tls_verify: bool = False
     # The local IP outbound mail leaves from (a dedicated sending address); empty: the default.
     source_address: str = ""
 
@@ -224,7 +237,7 @@ class DeliverySettings(BaseModel):
             raise ValueError("the delivery schedule needs at least one delay")
         return value
 
-    @field_validator("max_age", mode="before")
+    @field_validator("max_age", "delay_notice", "lease", mode="before")
     @classmethod
     def _max_age(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

@@ -17,8 +17,19 @@ as a new item with the next attempt's delay *before* the old item is acked, so a
 the two leaves two items (a duplicate at worst), never none. The new item's id is the first
 one's with `-N` added; `postroom queue show` finds it by either.
 
+A worker holds its item on a short lease (`[delivery] lease`, 30 s) that it extends while the
+attempt runs, so the item of a worker that died is due again within seconds of a restart.
+Before the put-back counts, the worker checks the item it holds is still queued: an operator
+may have run `queue delete` (then the put-back is withdrawn: the message is cancelled) or
+`queue retry` (then the operator's due copy is withdrawn instead: the attempt just made was
+that retry, and the put-back carries its results).
+
+Once a message has waited `[delivery] delay_notice` (4 h) with recipients still pending, the
+sender gets one "delayed" DSN (RFC 3464 Action: delayed); the payload remembers it was sent.
+
 Payload (JSON): mail_from, rcpt_to, blob, user_id, queued_at (as `_dispatch` writes them), and
-once tried: id (the first item's id), pending, delivered, failed, attempts (the history).
+once tried: id (the first item's id), pending, delivered, failed, attempts (the history),
+attempt_count, delay_notified.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,10 +55,13 @@ from postroom.mailflow.smtp_client import (
     SmtpError,
     TlsMode,
     needs_smtputf8,
+    verifying_context,
     wire_format,
 )
 from postroom.service import MailService
 from postroom.store.queue import OUTGOING, Queue, QueueItem
+
+LIST_LIMIT = 100_000  # as `queue list` (only read when an operator removed an item in flight)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +94,7 @@ class OutgoingMessage:
     failed: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     attempt_count: int = 0
+    delay_notified: bool = False
 
     @classmethod
     def from_item(cls, item: QueueItem) -> OutgoingMessage:
@@ -98,6 +114,7 @@ class OutgoingMessage:
             failed=dict(data.get("failed", {})),
             attempts=list(data.get("attempts", [])),
             attempt_count=int(data.get("attempt_count", len(data.get("attempts", [])))),
+            delay_notified=bool(data.get("delay_notified", False)),
         )
 
     def payload(self) -> bytes:
@@ -106,6 +123,7 @@ class OutgoingMessage:
             "blob": self.blob, "user_id": self.user_id, "queued_at": self.queued_at,
             "pending": self.pending, "delivered": self.delivered, "failed": self.failed,
             "attempts": self.attempts, "attempt_count": self.attempt_count,
+            "delay_notified": self.delay_notified,
         }).encode()
 
 
@@ -162,6 +180,7 @@ class Destination:
     tls: TlsMode
     username: str = ""
     password: str = ""
+    verify: bool = False  # the certificate must verify (no plaintext fallback)
 
 
 class OutboundDelivery:
@@ -179,6 +198,7 @@ class OutboundDelivery:
         self.pool = ConnectionPool(self.config.idle_timeout)
         self._all = asyncio.Semaphore(self.config.max_connections)
         self._per_domain: dict[str, asyncio.Semaphore] = {}
+        self._verifying: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------------------ an item
 
@@ -265,11 +285,59 @@ class OutboundDelivery:
         # Never wait past the expiry: the last attempt is the one that bounces.
         delay = max(0.0, min(delay, message.queued_at + self.config.max_age - now))
         error = "; ".join(f"<{r.rcpt}> {r.reply}" for r in deferred)[:500]
-        await self.queue.put(OUTGOING, message.payload(),
-                             item_id=f"{message.id}-{message.attempt_count}", delay=delay)
+        await self._notify_delay(message, raw, now)
+        new_id = f"{message.id}-{message.attempt_count}"
+        await self.queue.put(OUTGOING, message.payload(), item_id=new_id, delay=delay)
+        if not await self.queue.exists(OUTGOING, item.item_id):
+            await self._removed_meanwhile(message, new_id)
+            return
         await self.queue.ack(item)
         log.info("outgoing %s: %d recipient(s) deferred, next attempt in %.0fs (%s)", message.id,
                  len(message.pending), delay, error)
+
+    async def _removed_meanwhile(self, message: OutgoingMessage, new_id: str) -> None:
+        """The item vanished while we delivered it: `queue delete` or `queue retry` ran.
+
+        A retry put a copy due now (same first id) before removing ours; we keep our put-back,
+        which holds this attempt's results, and withdraw the copy. No copy: it was deleted, and
+        so is our put-back. (`queue delete` also removes every item of the same first id, which
+        covers a put-back made before it listed the queue.)
+        """
+        # A copy's id is its first id (or, made before the first attempt, the item's) + "-…".
+        copies = [other for other in await self.queue.list(OUTGOING, limit=LIST_LIMIT)
+                  if other.item_id != new_id and (_first_id(other) == message.id
+                                                  or other.item_id.startswith(message.id + "-"))]
+        if copies:
+            for other in copies:
+                await self.queue.remove(OUTGOING, other.item_id)
+            log.info("outgoing %s: retried by the operator during an attempt; the attempt "
+                     "counts as the retry (%s)", message.id, new_id)
+        else:
+            await self.queue.remove(OUTGOING, new_id)
+            log.info("outgoing %s: deleted by the operator during an attempt; not retried",
+                     message.id)
+
+    async def _notify_delay(self, message: OutgoingMessage, raw: bytes, now: float) -> None:
+        """RFC 3464 "delayed" report, once per message, when it has waited delay_notice."""
+        notice = self.config.delay_notice
+        if (notice <= 0 or message.delay_notified or not message.mail_from
+                or now - message.queued_at < notice or not message.pending):
+            return
+        last = {r["rcpt"]: r for r in (message.attempts[-1]["results"]
+                                        if message.attempts else [])}
+        recipients = [RecipientStatus(rcpt, str(last.get(rcpt, {}).get("status") or "4.0.0"),
+                                      "delayed", str(last.get(rcpt, {}).get("reply") or ""),
+                                      str(last.get(rcpt, {}).get("host") or "").partition("[")[0],
+                                      now) for rcpt in message.pending]
+        dsn = build_dsn(reporting_mta=self.hostname, sender=message.mail_from, original=raw,
+                        recipients=recipients, arrival=message.queued_at, now=now)
+        # Keyed by the message: a put-back lost in a crash repeats the notice as a no-op.
+        record = await self.service.deliver_report(
+            message.user_id, message.mail_from, dsn, delivery_key=f"dsn-delay:{message.id}")
+        message.delay_notified = True
+        log.info("outgoing %s: delay notice %s <%s>", message.id,
+                 "sent to" if record is not None else "dropped for non-local sender",
+                 message.mail_from)
 
     async def _bounce(self, message: OutgoingMessage, failed: list[RecipientResult],
                       raw: bytes, now: float) -> None:
@@ -296,10 +364,23 @@ class OutboundDelivery:
         if config.smarthost:  # a relay host replaces MX routing for every domain
             name, port = parse_hostport(config.smarthost)
             host = Host(name, await self._smarthost_addresses(name))
-            return Destination("smarthost", [host], port, config.smarthost_tls,
-                               config.smarthost_username, config.smarthost_password)
+            verify = config.smarthost_tls_verify and config.smarthost_tls != "none"
+            tls: TlsMode = config.smarthost_tls
+            if verify and tls == "opportunistic":
+                tls = "starttls"  # a certificate to verify needs TLS
+            return Destination("smarthost", [host], port, tls,
+                               config.smarthost_username, config.smarthost_password, verify)
         hosts = await self.router.hosts_for(domain)
+        if config.tls_verify and config.tls != "none":
+            # Like Postfix's "verify" level: TLS required, the MX name checked against the
+            # certificate (RFC 7672 would bind it to DNSSEC; MTA-STS to a fetched policy).
+            return Destination(domain, hosts, config.port, "starttls", verify=True)
         return Destination(domain, hosts, config.port, config.tls)
+
+    def _verifying_context(self) -> ssl.SSLContext:
+        if self._verifying is None:
+            self._verifying = verifying_context(self.config.tls_ca_file or None)
+        return self._verifying
 
     async def _smarthost_addresses(self, name: str) -> tuple[str, ...]:
         try:
@@ -370,11 +451,13 @@ class OutboundDelivery:
             helo=self.hostname, server_name=name, connect_timeout=config.connect_timeout,
             command_timeout=config.command_timeout, data_timeout=config.data_timeout,
             source_address=config.source_address)
+        if destination.verify:
+            args["tls_context"] = self._verifying_context()
         try:
             client = await SmtpClient.connect(address, destination.port, tls=destination.tls,
                                               **args)
         except SmtpError as exc:
-            if destination.tls != "opportunistic" or "TLS" not in str(exc):
+            if destination.tls != "opportunistic" or destination.verify or "TLS" not in str(exc):
                 raise
             # RFC 7435: opportunistic TLS that fails falls back to a plaintext session.
             log.info("TLS with %s failed (%s); retrying without TLS", address, exc)
@@ -427,6 +510,14 @@ def _head(wire: bytes) -> bytes:
     return wire if end < 0 else wire[:end]
 
 
+def _first_id(item: QueueItem) -> str:
+    try:
+        data = json.loads(item.payload)
+    except ValueError:
+        return item.item_id
+    return str(data.get("id") or item.item_id) if isinstance(data, dict) else item.item_id
+
+
 def _result(rcpt: str, reply: Reply, label: str) -> RecipientResult:
     if reply.ok:
         outcome = DELIVERED
@@ -438,8 +529,9 @@ def _result(rcpt: str, reply: Reply, label: str) -> RecipientResult:
 
 
 async def run_delivery_worker(delivery: OutboundDelivery, queue: Queue, stop: asyncio.Event,
-                              lease: float = 1800.0) -> None:
+                              lease: float | None = None) -> None:
     """Take outgoing items one at a time until `stop` is set."""
+    lease = delivery.config.lease if lease is None else lease
     while not stop.is_set():
         try:
             item = await queue.take(OUTGOING, lease=lease, wait=1.0)
@@ -450,8 +542,12 @@ async def run_delivery_worker(delivery: OutboundDelivery, queue: Queue, stop: as
         if item is None:
             await delivery.pool.expire()
             continue
+        holder = asyncio.create_task(_hold_lease(queue, item, lease))
         try:
-            await delivery.handle(item)
+            try:
+                await delivery.handle(item)
+            finally:
+                await _stop(holder)
         except asyncio.CancelledError:
             # Shutting down mid-delivery: make the item due again soon instead of after the
             # lease (a transaction cut short may be repeated: a duplicate at worst).
@@ -462,3 +558,23 @@ async def run_delivery_worker(delivery: OutboundDelivery, queue: Queue, stop: as
             log.exception("outgoing item %s failed", item.item_id)
             with contextlib.suppress(Exception):
                 await queue.retry(item, delivery.config.schedule[0], error=repr(exc)[:500])
+
+
+async def _hold_lease(queue: Queue, item: QueueItem, lease: float) -> None:
+    """Keep the item ours while an attempt runs (slow hosts, long DATA): push its due time
+    out every third of the lease. A retry with the same attempt number moves `not_before`
+    without releasing the item (as incoming.py does); on an item acked or removed meanwhile it
+    does nothing."""
+    while True:
+        await asyncio.sleep(lease / 3)
+        try:
+            await queue.retry(item, lease, error=item.last_error)
+        except Exception:  # the engine is down: the attempt's own calls will say so
+            log.warning("extending the lease of outgoing item %s failed", item.item_id)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

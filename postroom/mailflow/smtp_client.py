@@ -116,6 +116,12 @@ def insecure_context() -> ssl.SSLContext:
     return context
 
 
+def verifying_context(cafile: str | None = None) -> ssl.SSLContext:
+    """TLS that checks the certificate chain (against `cafile`, else the system's CAs) and that
+    it names the host we meant to reach (RFC 6125)."""
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+
+
 class SmtpClient:
     """One SMTP connection. Use `connect`, then `send` any number of times, then `quit`."""
 

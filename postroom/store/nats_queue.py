@@ -382,6 +382,16 @@ class NatsQueue:
             await js.purge_stream(self.state_stream, subject=self._state_subject(topic, token))
         return True
 
+    async def exists(self, topic: str, item_id: str) -> bool:
+        token = item_token(item_id)
+        with _engine_errors("exists"):
+            try:
+                await self._jetstream().get_last_msg(self.stream_of(topic),
+                                                     self._subject(topic, token))
+            except nats.js.errors.NotFoundError:
+                return False
+        return True
+
     async def size(self, topic: str) -> int:
         stream = self.stream_of(topic)
         with _engine_errors("size"):

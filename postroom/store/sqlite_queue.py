@@ -226,6 +226,15 @@ class SqliteQueue:
         )
         return deleted > 0
 
+    async def exists(self, topic: str, item_id: str) -> bool:
+        def op() -> bool:
+            row = self._conn().execute(
+                "SELECT 1 FROM items WHERE topic = ? AND item_id = ?", (topic, item_id)
+            ).fetchone()
+            return row is not None
+
+        return await self._run(op)
+
     async def size(self, topic: str) -> int:
         def op() -> int:
             row = (

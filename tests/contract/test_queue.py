@@ -325,6 +325,20 @@ async def test_list_size_remove(queue: Queue) -> None:
     assert [i.item_id for i in await queue.list(INCOMING)] == ["l1", "l2", "l4"]
 
 
+async def test_exists_sees_waiting_and_leased_items_until_removed(queue: Queue) -> None:
+    await queue.put(OUTGOING, b"x", item_id="e1")
+    await queue.put(OUTGOING, b"y", item_id="e2", delay=60)
+    assert await queue.exists(OUTGOING, "e1") and await queue.exists(OUTGOING, "e2")
+    assert not await queue.exists(INCOMING, "e1")  # ids are per topic
+    taken = await queue.take(OUTGOING, lease=30)
+    assert taken is not None and taken.item_id == "e1"
+    assert await queue.exists(OUTGOING, "e1")  # leased, still there
+    assert await queue.remove(OUTGOING, "e1")
+    assert not await queue.exists(OUTGOING, "e1")
+    await queue.ack(taken)
+    assert not await queue.exists(OUTGOING, "nope")
+
+
 async def test_take_many_leases_the_oldest_due_items(queue: Queue) -> None:
     for n in range(5):
         await queue.put(INCOMING, f"p{n}".encode(), item_id=f"b{n}", delay=60 if n == 3 else 0)
