@@ -72,8 +72,8 @@ class ListenerSettings(BaseModel):
     smtp: str = "127.0.0.1:2525"  # MX; port 25 in production
     submission: str = "127.0.0.1:5870"  # STARTTLS; port 587 in production
     submissions: str = "127.0.0.1:4650"  # implicit TLS; port 465 in production
-    imap: str = ""
-    imaps: str = ""
+    imap: str = "127.0.0.1:1143"  # STARTTLS; 143 in production
+    imaps: str = "127.0.0.1:9930"  # implicit TLS; 993 in production
     pop3: str = "127.0.0.1:1110"  # STLS; 110 in production
     pop3s: str = "127.0.0.1:9950"  # implicit TLS; 995 in production
 
