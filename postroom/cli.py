@@ -311,7 +311,10 @@ async def serve(settings: Settings) -> int:
         if sock is not None:
             app = create_app(node.service, settings.http.max_request_bytes)
             config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level,
-                                    lifespan="off", access_log=False, server_header=False)
+                                    lifespan="off", access_log=False, server_header=False,
+                                    # Push frames are small JSON, written once for all
+                                    # connections (http/events_ws.py): no zlib per socket.
+                                    ws_per_message_deflate=False)
             server = HttpServer(config)
             await app.state.event_hub.start()  # the push channel's log starts now
             http_task = asyncio.create_task(server.serve(sockets=[sock]), name="http")

@@ -26,6 +26,14 @@ Authentication: the API's bearer token, offered as the WebSocket subprotocol `be
 next to `postroom.v1` (a browser cannot set an Authorization header on a WebSocket), or the
 `access_token` query parameter, or an `Authorization: Bearer` header. The server selects
 `postroom.v1` and never echoes the token. A refused token closes the socket with code 4401.
+
+Fan-out: an event's JSON, and its WebSocket frame, are built once for every connection of the
+user (one summary read, one `json.dumps`, one frame header). A connection with nothing queued
+gets the frame written straight to its transport in the same loop pass (no task wake-up per
+connection, no ASGI send chain, no per-connection compression: an uncompressed frame is valid
+even where permessage-deflate was negotiated, RFC 7692 section 6.1). A connection that is behind
+(its transport paused by a slow reader, or a replay being sent) gets the frame queued behind the
+rest and a drain task of its own that sends through ASGI.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+from websockets.frames import Frame as WireFrame
+from websockets.frames import Opcode
 
 from postroom.core.models import User
 from postroom.http.schemas import MessageSummary
@@ -55,6 +66,13 @@ from postroom.store.events import (
     Event,
 )
 
+try:  # the transport we write finished frames to (see Connection._write_now)
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _SansIOProtocol,
+    )
+except ImportError:  # pragma: no cover - another server, or another uvicorn
+    _SansIOProtocol = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "postroom.v1"
@@ -63,12 +81,36 @@ PUSHED = (MESSAGE_NEW, MESSAGE_FLAGS, MESSAGE_MOVED, MESSAGE_DELETED, FOLDER_CHA
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4408
 COUNTS_SUFFIX = ".c"
+RAW_SEND_KEY = "postroom.raw_send"  # the server's own ASGI send, kept in the scope
+HEARTBEAT_TICK = 1.0  # seconds between the hub's looks for idle connections
 
 
 def event_id(event: Event) -> str:
     """The same id on every node: a digest of the event's fields (its modseq makes it unique)."""
     raw = json.dumps(asdict(event), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+class Frame:
+    """One JSON text frame, encoded once: its text, and its bytes on the wire (built on first
+    use; a server's frames are unmasked, so the bytes are the same for every connection)."""
+
+    __slots__ = ("_wire", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._wire: bytes | None = None
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> Frame:
+        return cls(json.dumps(body, separators=(",", ":")))
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = WireFrame(Opcode.TEXT, self.text.encode()).serialize(
+                mask=False, extensions=[])
+        return self._wire
 
 
 @dataclass(eq=False)
@@ -78,7 +120,9 @@ class Entry:
     id: str
     event: Event
     at: float
+    seq: int = 0  # the hub's order of arrival: a connection is handed each entry once
     frame: asyncio.Future[str] | None = None
+    rendered: Frame | None = None
 
 
 @dataclass(eq=False)
@@ -88,35 +132,117 @@ class UserLog:
     connections: set[Connection] = field(default_factory=set)
     pruned: bool = False  # an entry has been dropped: the marker no longer means "from the start"
     counts_task: asyncio.Task[None] | None = None
+    pending: deque[Entry] = field(default_factory=deque)  # accepted, not yet fanned out
+    dispatcher: asyncio.Task[None] | None = None
 
     @property
     def latest(self) -> str:
         return self.entries[-1].id if self.entries else self.marker
 
 
-Item = Entry | dict[str, Any]
+Item = Entry | Frame | dict[str, Any]
+
+
+def _transport_protocol(ws: WebSocket) -> Any:
+    """uvicorn's WebSocket protocol under this connection, when it is one whose transport we
+    can write finished frames to (its sans-I/O implementation, the default with `websockets`
+    installed); None otherwise, and every frame then goes through the ASGI send."""
+    raw_send = ws.scope.get(RAW_SEND_KEY)
+    proto = getattr(raw_send, "__self__", None)
+    if _SansIOProtocol is None or not isinstance(proto, _SansIOProtocol):
+        return None
+    return proto
 
 
 class Connection:
-    """One WebSocket: a bounded queue of frames to send; too far behind and it is closed, and
-    the client reconnects with its last id (replayed from the log, or told to resync)."""
+    """One WebSocket. Frames go straight to the transport while nothing is queued; otherwise
+    into a bounded backlog with a drain task. Too far behind and it is closed, and the client
+    reconnects with its last id (replayed from the log, or told to resync)."""
 
-    def __init__(self, ws: WebSocket, user: User, limit: int) -> None:
+    def __init__(self, ws: WebSocket, user: User, limit: int, hub: EventHub | None = None
+                 ) -> None:
         self.ws = ws
         self.user = user
         self.limit = limit
-        self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        self.hub = hub
+        self.backlog: deque[Item | None] = deque()  # None: close the socket
+        self.drainer: asyncio.Task[None] | None = None
         self.too_slow = False
+        self.closed = False
         self.heartbeat: float | None = None  # seconds; None: the hub's default
+        self.last_sent = time.monotonic()
+        self.seq = 0  # the newest log entry handed to this connection
+        self._proto = _transport_protocol(ws)
 
     def push(self, item: Item) -> None:
-        if self.too_slow:
+        if self.closed or self.too_slow:
             return
-        if self.queue.qsize() >= self.limit:
+        if isinstance(item, Entry):
+            if item.seq <= self.seq:
+                return  # already handed over (a replay raced the live feed)
+            self.seq = item.seq
+        if not self.backlog and self.drainer is None:
+            frame = (item.rendered if isinstance(item, Entry)
+                     else item if isinstance(item, Frame) else Frame.of(item))
+            if frame is not None and self._write_now(frame):
+                return
+        if len(self.backlog) >= self.limit:
             self.too_slow = True
-            self.queue.put_nowait(None)
+            self.backlog.clear()
+            self.close_soon()
             return
-        self.queue.put_nowait(item)
+        self.backlog.append(item)
+        self._drain_soon()
+
+    def close_soon(self) -> None:
+        self.backlog.append(None)
+        self._drain_soon()
+
+    def _write_now(self, frame: Frame) -> bool:
+        """Write a whole frame to the transport if it takes it now (not paused by a slow
+        reader, not closing); the protocol's own frames are whole writes too, so none
+        interleave."""
+        proto = self._proto
+        if proto is None or proto.close_sent or proto.disconnected:
+            return False
+        transport = proto.transport
+        if not proto.writable.is_set() or transport is None or transport.is_closing():
+            return False
+        transport.write(frame.wire)
+        self.last_sent = time.monotonic()
+        return True
+
+    def _drain_soon(self) -> None:
+        if self.drainer is None:
+            self.drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.backlog and not self.closed:
+                item = self.backlog.popleft()
+                if item is None:
+                    self.closed = True
+                    await self.ws.close(code=CLOSE_TOO_SLOW if self.too_slow else 1001)
+                    return
+                if isinstance(item, Entry):
+                    text = (item.rendered.text if item.rendered is not None else
+                            await self.hub.render(item, self.user) if self.hub is not None
+                            else None)
+                    if text is None:
+                        continue
+                elif isinstance(item, Frame):
+                    text = item.text
+                else:
+                    text = json.dumps(item, separators=(",", ":"))
+                await self.ws.send_text(text)
+                self.last_sent = time.monotonic()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.closed = True
+        except Exception:
+            log.exception("push to %s", self.user.address)
+            self.closed = True
+        finally:
+            self.drainer = None
 
 
 class EventHub:
@@ -133,6 +259,8 @@ class EventHub:
         self._epoch = secrets.token_hex(4)
         self._generation = 0
         self._task: asyncio.Task[None] | None = None
+        self._beats: asyncio.Task[None] | None = None
+        self._seq = 0
         self._subscribed = asyncio.Event()
         self._stopping = False
 
@@ -143,19 +271,21 @@ class EventHub:
         if self._task is None:
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name="event-hub")
+            self._beats = asyncio.create_task(self._heartbeats(), name="event-hub-heartbeats")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 10)
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        for task in (self._task, self._beats):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._beats = None
         for user_log in self._logs.values():
             for conn in list(user_log.connections):
-                conn.queue.put_nowait(None)
+                conn.close_soon()
 
     @property
     def connection_count(self) -> int:
@@ -190,6 +320,20 @@ class EventHub:
             log.warning("event hub lost its subscription; every client resynchronises")
             self._subscribed.clear()
             self._lost()
+
+    async def _heartbeats(self) -> None:
+        """One sweep a tick over every connection instead of a timer per connection: an idle
+        one (nothing sent for its interval) gets a heartbeat frame, encoded once per tick."""
+        while True:
+            await asyncio.sleep(min(HEARTBEAT_TICK, self.heartbeat))
+            now = time.monotonic()
+            frame: Frame | None = None
+            for user_log in list(self._logs.values()):
+                for conn in list(user_log.connections):
+                    if now - conn.last_sent >= (conn.heartbeat or self.heartbeat):
+                        frame = frame or Frame.of({"type": "heartbeat", "time": time.time()})
+                        conn.last_sent = now
+                        conn.push(frame)
 
     def _new_log(self) -> UserLog:
         self._generation += 1
@@ -229,12 +373,33 @@ class EventHub:
             user_log = self._logs[event.user_id] = self._new_log()
         if len(user_log.entries) == user_log.entries.maxlen:
             user_log.pruned = True
-        entry = Entry(event_id(event), event, time.monotonic())
+        self._seq += 1
+        entry = Entry(event_id(event), event, time.monotonic(), self._seq)
         user_log.entries.append(entry)
         if user_log.connections:
-            for conn in user_log.connections:
-                conn.push(entry)
-            self._schedule_counts(event.user_id, user_log, next(iter(user_log.connections)).user)
+            user = next(iter(user_log.connections)).user
+            user_log.pending.append(entry)
+            if user_log.dispatcher is None:
+                user_log.dispatcher = asyncio.create_task(self._dispatch(user_log, user))
+            self._schedule_counts(event.user_id, user_log, user)
+
+    async def _dispatch(self, user_log: UserLog, user: User) -> None:
+        """Fan a user's events out in order: render each once, then hand the one frame to
+        every connection of the user on this node (a direct write for most)."""
+        try:
+            while user_log.pending:
+                entry = user_log.pending[0]
+                text = await self.render(entry, user)
+                if entry.rendered is None:
+                    entry.rendered = Frame(text)
+                user_log.pending.popleft()
+                for conn in list(user_log.connections):
+                    conn.push(entry)
+        except Exception:
+            log.exception("push fan-out for %s", user.address)
+            user_log.pending.clear()
+        finally:
+            user_log.dispatcher = None
 
     def _schedule_counts(self, user_id: str, user_log: UserLog, user: User) -> None:
         if user_log.counts_task is None or user_log.counts_task.done():
@@ -247,9 +412,10 @@ class EventHub:
         if user_log is None or not user_log.connections:
             return
         user_log.counts_task = None
-        frame = await self.counts_frame(user, user_log.latest)
-        if frame is not None:
-            for conn in self._logs.get(user_id, user_log).connections:
+        body = await self.counts_frame(user, user_log.latest)
+        if body is not None:
+            frame = Frame.of(body)  # encoded once for every connection of the user
+            for conn in list(self._logs.get(user_id, user_log).connections):
                 conn.push(frame)
 
     async def counts_frame(self, user: User, latest: str) -> dict[str, Any] | None:
@@ -305,6 +471,7 @@ class EventHub:
             user_log = self._logs[user_id] = self._new_log()
         self._prune(user_log, time.monotonic())
         user_log.connections.add(conn)
+        conn.hub = self
         if last_id is not None:
             last_id = last_id.removesuffix(COUNTS_SUFFIX)
             ids = [e.id for e in user_log.entries]
@@ -316,6 +483,8 @@ class EventHub:
                     conn.push(entry)
             else:
                 conn.push({"type": "resync", "id": user_log.latest})
+        # Live from here: what the log held before (and was not replayed) is behind "ready".
+        conn.seq = max(conn.seq, user_log.entries[-1].seq if user_log.entries else 0)
         conn.push({"type": "ready", "id": user_log.latest,
                    "heartbeat": conn.heartbeat or self.heartbeat})
 
@@ -346,9 +515,23 @@ def _token_of(ws: WebSocket) -> tuple[str | None, bool]:
     return token, SUBPROTOCOL in offered
 
 
+class RawSendMiddleware:
+    """Keeps the server's own ASGI send in a WebSocket scope, so the hub can reach the
+    connection's transport (see `_transport_protocol`) under the framework's wrappers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND_KEY] = send
+        await self.app(scope, receive, send)
+
+
 def add_event_routes(app: FastAPI, service: MailService) -> EventHub:
     hub = EventHub(service)
     app.state.event_hub = hub
+    app.add_middleware(RawSendMiddleware)
 
     @app.websocket("/v1/events")
     async def events(ws: WebSocket) -> None:
@@ -366,7 +549,7 @@ def add_event_routes(app: FastAPI, service: MailService) -> EventHub:
             await ws.close(code=CLOSE_UNAUTHORIZED, reason=reason)
             return
         await hub.start()  # no-op once `postroom serve` has started it
-        conn = Connection(ws, user, hub.send_queue)
+        conn = Connection(ws, user, hub.send_queue, hub)
         with contextlib.suppress(ValueError):  # a client behind a stricter proxy asks for more
             conn.heartbeat = min(max(float(ws.query_params.get("heartbeat", "")), 1.0), 300.0)
         last_id = ws.query_params.get("last_event_id") or None
@@ -374,7 +557,6 @@ def add_event_routes(app: FastAPI, service: MailService) -> EventHub:
         counts = await hub.counts_frame(user, hub.latest(user.user_id) or "")
         if counts is not None:
             conn.push(counts)
-        sender = asyncio.create_task(_send_loop(hub, conn))
         try:
             while True:  # the client says little: a ping now and then, or goodbye
                 text = await ws.receive_text()
@@ -384,31 +566,14 @@ def add_event_routes(app: FastAPI, service: MailService) -> EventHub:
             pass
         finally:
             hub.detach(conn)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
+            drainer = conn.drainer
+            conn.closed = True
+            if drainer is not None:
+                drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await drainer
             if conn.too_slow:
                 with contextlib.suppress(Exception):
                     await ws.close(code=CLOSE_TOO_SLOW, reason="too far behind; reconnect")
 
     return hub
-
-
-async def _send_loop(hub: EventHub, conn: Connection) -> None:
-    ws = conn.ws
-    try:
-        while True:
-            try:
-                item = await asyncio.wait_for(conn.queue.get(), conn.heartbeat or hub.heartbeat)
-            except TimeoutError:
-                await ws.send_text(json.dumps({"type": "heartbeat", "time": time.time()}))
-                continue
-            if item is None:  # too slow, or the hub stopped
-                await ws.close(code=CLOSE_TOO_SLOW if conn.too_slow else 1001)
-                return
-            if isinstance(item, Entry):
-                await ws.send_text(await hub.render(item, conn.user))
-            else:
-                await ws.send_text(json.dumps(item, separators=(",", ":")))
-    except (WebSocketDisconnect, RuntimeError, OSError):
-        return
