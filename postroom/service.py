@@ -490,6 +490,9 @@ class MailService:
             folders = await self.metadata.list_folders(user.user_id)
             counts = await self.metadata.folder_counts(user.user_id)
             empty = FolderCounts(0, 0)
+            # The order people expect to see: INBOX, the special-use folders, then their own.
+            rank = {role: n for n, (_, role) in enumerate(DEFAULT_FOLDERS)}
+            folders.sort(key=lambda f: (rank.get(f.role, len(rank)), f.name.lower(), f.name))
             return [(f, counts.get(f.folder_id, empty)) for f in folders]
 
         return await self.mail_cache.read_through(user.user_id, "folders", load,
