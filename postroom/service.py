@@ -491,7 +491,8 @@ class MailService:
             counts = await self.metadata.folder_counts(user.user_id)
             empty = FolderCounts(0, 0)
             # The order people expect to see: INBOX, the special-use folders, then their own.
-            rank = {role: n for n, (_, role) in enumerate(DEFAULT_FOLDERS)}
+            rank: dict[FolderRole | None, int] = {
+                role: n for n, (_, role) in enumerate(DEFAULT_FOLDERS)}
             folders.sort(key=lambda f: (rank.get(f.role, len(rank)), f.name.lower(), f.name))
             return [(f, counts.get(f.folder_id, empty)) for f in folders]
 
