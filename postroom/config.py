@@ -122,6 +122,9 @@ class Pop3Settings(BaseModel):
     delete_action: Literal["expunge", "trash"] = "expunge"
     # RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
     idle_timeout: float = 600.0
+    # Sessions at once, all clients and per client address; more get -ERR [SYS/TEMP].
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_ip: int = Field(default=20, ge=1)
 
 
 class MailSettings(BaseModel):

@@ -7,6 +7,7 @@ import logging
 
 from postroom.app import Postroom
 from postroom.config import parse_hostport
+from postroom.pop3.limits import limits_for
 from postroom.pop3.locks import locks_for
 from postroom.pop3.session import MAX_LINE, Pop3Session
 from postroom.tls import server_context
@@ -20,8 +21,28 @@ async def start_pop3(node: Postroom, address: str, *, implicit_tls: bool) -> asy
     host, port = parse_hostport(address)
     context = server_context(settings)
     locks = locks_for(node.service)
+    limits = limits_for(node.service, settings.pop3.max_connections,
+                        settings.pop3.max_connections_per_ip)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        client = str(peer[0]) if peer else ""
+        refused = limits.admit(client)
+        if refused:
+            log.warning("POP3 connection from %s refused: %s", client, refused)
+            try:
+                writer.write(f"-ERR [SYS/TEMP] {refused}\r\n".encode())
+                await writer.drain()
+                writer.close()
+            except (OSError, ConnectionError):
+                pass
+            return
+        try:
+            await _serve(reader, writer)
+        finally:
+            limits.release(client)
+
+    async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = Pop3Session(
             node.service, locks, reader, writer,
             tls_context=context, tls_active=implicit_tls,
