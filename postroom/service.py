@@ -617,6 +617,17 @@ class MailService:
             raise NotFoundError("no such message")
         return record
 
+    async def list_thread(self, user: User, thread_id: str, limit: int = 200
+                          ) -> list[MessageRecord]:
+        """The user's messages of one conversation, every folder, oldest first. A thread
+        with none of the user's messages (another user's, or gone) is NotFoundError."""
+        if not 1 <= limit <= 500:
+            raise InvalidInput("limit must be between 1 and 500")
+        records = await self.metadata.list_thread(user.user_id, thread_id, limit)
+        if not records:
+            raise NotFoundError("no such thread")
+        return records
+
     async def message_detail(self, user: User, message_id: str) -> MessageDetail:
         record = await self.get_message(user, message_id)
         raw = await self.blobs.get(record.blob_hash)

@@ -218,6 +218,12 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
 
     add_draft_routes(app, service)
     add_event_routes(app, service)
+    from postroom.http.threads_api import add_thread_routes
+
+    add_thread_routes(app, service)
+    from postroom.http.image_proxy import add_image_routes
+
+    add_image_routes(app, service)
     add_webmail_routes(app)
 
     @app.get("/v1/folders/{folder_id}/messages", response_model=MessagePage, tags=["messages"],
@@ -269,6 +275,7 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
             text=parsed.text,
             html=html.html if html else None,
             remote_images_blocked=html.remote_images_blocked if html else 0,
+            remote_images=list(html.remote_images) if html else [],
             attachments=[
                 AttachmentOut(
                     index=a.index, filename=a.filename, content_type=a.content_type,

@@ -131,6 +131,9 @@ class MessageOut(MessageSummary):
     text: str
     html: str | None
     remote_images_blocked: int
+    # The blocked images' URLs; `<img src="remote-image:N">` in `html` is the Nth. Fetch one
+    # through GET /v1/messages/{id}/image?url=... (the server fetches it; the reader stays hidden).
+    remote_images: list[str] = []
     attachments: list[AttachmentOut]
 
 

@@ -173,6 +173,12 @@ class MetadataStore(Protocol):
     async def list_uids(self, user_id: str, folder_id: str) -> list[MessageRecord]:
         """Every record of the folder in uid order (for IMAP and POP3 sessions)."""
         ...
+    async def list_thread(
+        self, user_id: str, thread_id: str, limit: int = 500
+    ) -> list[MessageRecord]:
+        """The user's records of one conversation, every folder, oldest first by
+        (internal_date, folder_id, uid); the first `limit`. Empty for another user's thread."""
+        ...
     async def store_flags(
         self,
         user_id: str,

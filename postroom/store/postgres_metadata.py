@@ -1013,6 +1013,21 @@ class PostgresMetadataStore:
 
         return await self._read(tx)
 
+    async def list_thread(
+        self, user_id: str, thread_id: str, limit: int = 500
+    ) -> list[MessageRecord]:
+        async def tx(conn: Connection) -> list[MessageRecord]:
+            rows = await conn.fetch(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 AND thread_id = $2"
+                " ORDER BY internal_date, folder_id, uid LIMIT $3",
+                user_id,
+                thread_id,
+                max(limit, 0),
+            )
+            return [_record(r) for r in rows]
+
+        return await self._read(tx)
+
     async def store_flags(
         self,
         user_id: str,

@@ -1062,6 +1062,19 @@ class SqliteMetadataStore:
 
         return await self._read(tx)
 
+    async def list_thread(
+        self, user_id: str, thread_id: str, limit: int = 500
+    ) -> list[MessageRecord]:
+        def tx(conn: sqlite3.Connection) -> list[MessageRecord]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_id = ? AND thread_id = ?"
+                " ORDER BY internal_date, folder_id, uid LIMIT ?",
+                (user_id, thread_id, max(limit, 0)),
+            )
+            return [_record(r) for r in rows]
+
+        return await self._read(tx)
+
     async def store_flags(
         self,
         user_id: str,

@@ -783,6 +783,36 @@ async def test_threads_never_cross_users(metadata_store: MetadataStore) -> None:
     assert bob_parent.thread_id != alice_reply.thread_id
 
 
+async def test_list_thread(metadata_store: MetadataStore) -> None:
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    sent = await store.create_folder(alice.user_id, "Sent", FolderRole.SENT)
+    uid = alice.user_id
+    parent, _ = await store.insert_message(uid, inbox.folder_id, message(
+        message_id="<lt-p@x>", internal_date=1_800_000_000.0))
+    reply, _ = await store.insert_message(uid, sent.folder_id, message(
+        message_id="<lt-r@x>", in_reply_to="<lt-p@x>", internal_date=1_800_000_100.0))
+    late, _ = await store.insert_message(uid, inbox.folder_id, message(
+        message_id="<lt-l@x>", references=("<lt-p@x>", "<lt-r@x>"),
+        internal_date=1_800_000_200.0))
+    await store.insert_message(uid, inbox.folder_id, message(message_id="<lt-o@x>"))
+    thread = await store.list_thread(uid, parent.thread_id)
+    # Every folder, oldest first; nothing from outside the thread.
+    assert [r.message_id for r in thread] == [parent.message_id, reply.message_id,
+                                              late.message_id]
+    assert [r.message_id for r in await store.list_thread(uid, parent.thread_id, limit=2)] == [
+        parent.message_id, reply.message_id]
+    # Scoped by user: bob cannot list alice's thread, even by its id.
+    assert await store.list_thread(bob.user_id, parent.thread_id) == []
+    assert await store.list_thread(uid, "no-such-thread") == []
+    assert bob_inbox.folder_id  # bob has mail of his own elsewhere
+    # An expunged message leaves the thread listing.
+    await store.expunge(uid, [reply.message_id])
+    assert [r.message_id for r in await store.list_thread(uid, parent.thread_id)] == [
+        parent.message_id, late.message_id]
+
+
 # ---- listing ------------------------------------------------------------------------------------
 
 
