@@ -151,7 +151,18 @@ def make_search(url: str) -> SearchIndex:
         from postroom.store.sqlite_search import SqliteSearchIndex
 
         return SqliteSearchIndex(_sqlite_path(url))
-    raise ConfigError(f"unsupported search index {url!r} (embedded: sqlite:///PATH)")
+    if urlsplit(url).scheme in ("postgresql", "postgres"):
+        from postroom.store.postgres_search import PostgresSearchIndex
+
+        return PostgresSearchIndex(
+            _postgres_dsn(url),
+            min_size=_query_int(url, "pool_min", 1),
+            max_size=_query_int(url, "pool_max", 10),
+        )
+    raise ConfigError(
+        f"unsupported search index {url!r}"
+        " (embedded: sqlite:///PATH; scale-out: postgresql://USER@HOST:PORT/DB)"
+    )
 
 
 def make_events(url: str) -> EventBus:

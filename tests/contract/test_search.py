@@ -40,11 +40,16 @@ DAY = 86400.0
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def index_factory(request: pytest.FixtureRequest, tmp_path: Path) -> IndexFactory:
     if request.param == "sqlite":
         path = str(tmp_path / "search.db")
         return lambda: SqliteSearchIndex(path)
+    if request.param == "postgres":
+        from postroom.store.postgres_search import PostgresSearchIndex
+
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        return lambda: PostgresSearchIndex(dsn, max_size=4)
     raise NotImplementedError(request.param)
 
 
@@ -270,3 +275,33 @@ async def test_a_second_instance_sees_the_same_index(index_factory: IndexFactory
     finally:
         await other.close()
     assert await ids(index, U1, Words("process")) == ["z"]
+
+
+async def test_phrases_stay_within_one_field_and_fields_stay_apart(index: SearchIndex) -> None:
+    await index.index([doc(U1, "f", from_="Zed Quill", subject="orange kiwi",
+                           body="plain words here")])
+    assert await ids(index, U1, Words("quill orange")) == []  # across from and subject
+    assert await ids(index, U1, Words("orange kiwi", "subject")) == ["f"]
+    assert await ids(index, U1, Words("orange", "from")) == []
+    assert await ids(index, U1, Words("plain words", "body")) == ["f"]
+    assert await ids(index, U1, Words("orange", "body")) == []
+
+
+async def test_one_batch_with_several_users_and_a_repeated_message(index: SearchIndex) -> None:
+    await index.index([doc(U1, "a", subject="first apple"), doc(U2, "a", subject="pear"),
+                       doc(U1, "b", subject="banana"), doc(U1, "a", subject="second apple")])
+    assert await ids(index, U1, Words("apple")) == ["a"]
+    assert await ids(index, U1, Words("first")) == []  # the later copy of "a" won
+    assert await ids(index, U1, Words("banana")) == ["b"]
+    assert await ids(index, U2, Words("pear")) == ["a"]
+    assert await ids(index, U2, Words("banana")) == []
+    assert await index.indexed_ids(U1) == {"a", "b"}
+
+
+async def test_long_bodies_odd_characters_and_long_tokens(index: SearchIndex) -> None:
+    body = " ".join(f"w{i}" for i in range(30_000)) + " zebra\x00crossing " + "q" * 3000
+    await index.index([doc(U1, "long", body=body, imap_body=body.casefold())])
+    assert await ids(index, U1, Words("w29999")) == ["long"]
+    assert await ids(index, U1, Words("zebra")) == ["long"]
+    assert (await index.narrow(U1, "inbox", Contains("body", "w29999 zeb"))).possible \
+        == {"long"}
