@@ -831,6 +831,45 @@ class MailService:
                                      internal_date, None)
         return record
 
+    async def append_many(
+        self,
+        user: User,
+        folder: str,
+        messages: Sequence[tuple[bytes, Sequence[str], float | None]],
+    ) -> list[MessageRecord]:
+        """`append` for a batch of (raw, flags, internal date), e.g. a mail import: the
+        blobs stored first, then every record in one metadata transaction (one commit, not
+        one per message) and one search index batch. InvalidInput (a message too large, a
+        bad flag) before anything is filed."""
+        target = await self.get_folder(user, folder)
+        flags: list[Flags] = []
+        for raw, names, _ in messages:
+            self._check_size(raw)
+            try:
+                flags.append(Flags.parse(list(names)))
+            except FlagError as exc:
+                raise InvalidInput(str(exc)) from None
+        parsed = [parse_message(raw) for raw, _, _ in messages]
+        digests = await asyncio.gather(*(self.blobs.put(raw) for raw, _, _ in messages))
+        now = time.time()
+        deliveries = [
+            Delivery(user.user_id, target.folder_id, NewMessage(
+                blob_hash=digest, size=len(raw),
+                internal_date=when if when is not None else now, headers=p.headers,
+                snippet=p.snippet, has_attachments=p.has_attachments, flags=f))
+            for (raw, _, when), p, f, digest in zip(messages, parsed, flags, digests,
+                                                   strict=True)]
+        results = await self._insert_deliveries(deliveries)
+        filed = [(result[0], raw, p) for result, (raw, _, _), p
+                 in zip(results, messages, parsed, strict=True) if result is not None]
+        if filed:
+            await self._changed(user.user_id)
+            if self.indexer is not None:  # searchable before anyone hears of it
+                await self.indexer.added_many(filed)
+            for record, _, _ in filed:
+                await self._publish(self._new_event(record))
+        return [record for record, _, _ in filed]
+
     # -------------------------------------------------------------------------------- search
 
     def use_search_index(self, index: SearchIndex) -> None:
@@ -879,6 +918,10 @@ class MailService:
         if folder is None:
             raise NotFoundError("no such folder")
         return folder, records
+
+    async def vanished(self, user: User, folder_id: str, since_modseq: int) -> list[int]:
+        """Uids that left the folder after `since_modseq`, ascending (IMAP QRESYNC)."""
+        return await self.metadata.vanished(user.user_id, folder_id, since_modseq)
 
     async def folder_status(self, user: User, folder_id: str) -> tuple[Folder, FolderCounts]:
         """A folder with its message and unseen counts (IMAP STATUS)."""

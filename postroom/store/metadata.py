@@ -201,6 +201,10 @@ class MetadataStore(Protocol):
     async def expunge(self, user_id: str, message_ids: Sequence[str]) -> list[Expunged]:
         """Remove records; returns what was removed (blob references are released)."""
         ...
+    async def vanished(self, user_id: str, folder_id: str, since_modseq: int) -> list[int]:
+        """The uids that left the folder (expunged or moved away) at a modseq above
+        `since_modseq`, ascending (IMAP QRESYNC's VANISHED, RFC 7162 §3.2.5)."""
+        ...
 
     # blob references: a blob is collected only when no record refers to it
     async def blob_refcount(self, blob_hash: str) -> int: ...

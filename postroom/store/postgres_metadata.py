@@ -399,6 +399,18 @@ async def _resolve_thread(conn: Connection, user_id: str, headers: HeaderSummary
     return str(thread) if thread is not None else new_id()
 
 
+async def _log_vanished(
+    conn: Connection, user_id: str, gone: Sequence[tuple[str, int, int]]
+) -> None:
+    """Note (folder, uid, modseq) of records that left a folder, for QRESYNC."""
+    if gone:
+        await conn.executemany(
+            "INSERT INTO vanished (user_id, folder_id, uid, modseq) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT DO NOTHING",
+            [(user_id, f, u, m) for f, u, m in gone],
+        )
+
+
 async def _delete_records(conn: Connection, records: Sequence[MessageRecord]) -> list[Expunged]:
     """Remove records (already known to be the user's); one modseq bump per source folder.
 
@@ -413,6 +425,8 @@ async def _delete_records(conn: Connection, records: Sequence[MessageRecord]) ->
         user_id,
         [r.message_id for r in records],
     )
+    await _log_vanished(conn, user_id, [(r.folder_id, r.uid, modseqs[r.folder_id])
+                                        for r in records])
     return [
         Expunged(r.folder_id, r.uid, r.message_id, r.blob_hash, modseqs[r.folder_id])
         for r in records
@@ -654,6 +668,7 @@ class PostgresMetadataStore:
             await conn.execute("DELETE FROM message_refs WHERE user_id = $1", user_id)
             await conn.execute("DELETE FROM deliveries WHERE user_id = $1", user_id)
             await conn.execute("DELETE FROM folders WHERE user_id = $1", user_id)
+            await conn.execute("DELETE FROM vanished WHERE user_id = $1", user_id)
             await conn.execute("DELETE FROM tokens WHERE user_id = $1", user_id)
             await conn.execute(
                 "DELETE FROM user_addresses WHERE address = $1 AND user_id = $2", address, user_id
@@ -889,6 +904,9 @@ class PostgresMetadataStore:
             await conn.execute(
                 "DELETE FROM folders WHERE user_id = $1 AND folder_id = $2", user_id, folder_id
             )
+            await conn.execute(
+                "DELETE FROM vanished WHERE user_id = $1 AND folder_id = $2", user_id, folder_id
+            )
             return gone
 
         return await self._write(tx)
@@ -1120,6 +1138,7 @@ class PostgresMetadataStore:
                 " WHERE user_id = $4 AND message_id = $5",
                 [(m.folder_id, m.uid, m.modseq, user_id, m.message_id) for _, m in out],
             )
+            await _log_vanished(conn, user_id, [(g.folder_id, g.uid, g.modseq) for g, _ in out])
             return out
 
         return await self._write(tx)
@@ -1159,6 +1178,19 @@ class PostgresMetadataStore:
             return await _delete_records(conn, await _fetch_records(conn, user_id, ids, lock=True))
 
         return await self._write(tx)
+
+    async def vanished(self, user_id: str, folder_id: str, since_modseq: int) -> list[int]:
+        async def tx(conn: Connection) -> list[int]:
+            rows = await conn.fetch(
+                "SELECT uid FROM vanished WHERE user_id = $1 AND folder_id = $2 AND modseq > $3"
+                " ORDER BY uid",
+                user_id,
+                folder_id,
+                since_modseq,
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self._read(tx)
 
     # -- blob references
 

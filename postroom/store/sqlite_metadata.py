@@ -388,10 +388,21 @@ def _delete_records(conn: sqlite3.Connection, records: Sequence[MessageRecord]) 
         [(r.user_id, r.message_id) for r in records],
     )
     _release_blob_refs(conn, (r.blob_hash for r in records))
+    _log_vanished(conn, user_id, [(r.folder_id, r.uid, modseqs[r.folder_id]) for r in records])
     return [
         Expunged(r.folder_id, r.uid, r.message_id, r.blob_hash, modseqs[r.folder_id])
         for r in records
     ]
+
+
+def _log_vanished(
+    conn: sqlite3.Connection, user_id: str, gone: Sequence[tuple[str, int, int]]
+) -> None:
+    """Note (folder, uid, modseq) of records that left a folder, for QRESYNC."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO vanished (user_id, folder_id, uid, modseq) VALUES (?, ?, ?, ?)",
+        [(user_id, f, u, m) for f, u, m in gone],
+    )
 
 
 # ---- the store -----------------------------------------------------------------------------
@@ -742,6 +753,7 @@ class SqliteMetadataStore:
             _release_blob_refs(conn, hashes)
             conn.execute("DELETE FROM deliveries WHERE user_id = ?", (user_id,))
             conn.execute("DELETE FROM folders WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM vanished WHERE user_id = ?", (user_id,))
             conn.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
             conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
             return sorted(set(hashes))
@@ -958,6 +970,9 @@ class SqliteMetadataStore:
             conn.execute(
                 "DELETE FROM folders WHERE user_id = ? AND folder_id = ?", (user_id, folder_id)
             )
+            conn.execute(
+                "DELETE FROM vanished WHERE user_id = ? AND folder_id = ?", (user_id, folder_id)
+            )
             return gone
 
         return await self._write(tx)
@@ -1171,6 +1186,7 @@ class SqliteMetadataStore:
                     source_modseqs[rec.folder_id],
                 )
                 out.append((gone, moved))
+            _log_vanished(conn, user_id, [(g.folder_id, g.uid, g.modseq) for g, _ in out])
             return out
 
         return await self._write(tx)
@@ -1214,6 +1230,17 @@ class SqliteMetadataStore:
         return await self._write(tx)
 
     # -- blob references
+
+    async def vanished(self, user_id: str, folder_id: str, since_modseq: int) -> list[int]:
+        def tx(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT uid FROM vanished WHERE user_id = ? AND folder_id = ? AND modseq > ?"
+                " ORDER BY uid",
+                (user_id, folder_id, since_modseq),
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self._read(tx)
 
     async def blob_refcount(self, blob_hash: str) -> int:
         def tx(conn: sqlite3.Connection) -> int:

@@ -558,6 +558,32 @@ async def test_expunge_and_blob_refcounts(metadata_store: MetadataStore) -> None
     assert await store.blob_refcount(shared) == 0
 
 
+async def test_vanished_log_for_qresync(metadata_store: MetadataStore) -> None:
+    """Expunged and moved-away uids are kept with the modseq of their removal (RFC 7162)."""
+    store = metadata_store
+    alice, inbox = await make_user_with_inbox(store)
+    bob, bob_inbox = await make_user_with_inbox(store, "bob@example.com")
+    uid = alice.user_id
+    other = await store.create_folder(uid, "Other")
+    recs = [(await store.insert_message(uid, inbox.folder_id, message()))[0] for _ in range(5)]
+    start = await store.get_folder(uid, inbox.folder_id)
+    assert start is not None
+    assert await store.vanished(uid, inbox.folder_id, 0) == []
+    gone = await store.expunge(uid, [recs[3].message_id, recs[0].message_id])
+    moved = await store.move_messages(uid, [recs[1].message_id], other.folder_id)
+    assert await store.vanished(uid, inbox.folder_id, start.highestmodseq) == [
+        recs[0].uid, recs[1].uid, recs[3].uid]
+    assert await store.vanished(uid, inbox.folder_id, gone[0].modseq) == [recs[1].uid]
+    assert await store.vanished(uid, inbox.folder_id, moved[0][0].modseq) == []
+    assert await store.vanished(uid, other.folder_id, 0) == []
+    assert await store.vanished(bob.user_id, inbox.folder_id, 0) == []  # scoped by user
+    assert await store.vanished(bob.user_id, bob_inbox.folder_id, 0) == []
+    await store.move_messages(uid, [moved[0][1].message_id], inbox.folder_id)
+    assert await store.vanished(uid, other.folder_id, 0) == [moved[0][1].uid]
+    await store.delete_folder(uid, other.folder_id)
+    assert await store.vanished(uid, other.folder_id, 0) == []
+
+
 # ---- delivery keys ------------------------------------------------------------------------------
 
 

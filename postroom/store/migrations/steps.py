@@ -278,8 +278,26 @@ _POSTGRES_3 = (_SQLITE_3.replace("REAL", "DOUBLE PRECISION").replace("BLOB", "BY
                .replace("recipients INTEGER", "recipients BIGINT"))
 
 
+# ---- 4: the expunge log, for IMAP QRESYNC (RFC 7162 §3.2: VANISHED since a modseq) ----------
+# One row per uid that left a folder (expunged, moved away), with the folder modseq of that
+# removal; the folder's rows go with the folder.
+
+_SQLITE_4 = """
+CREATE TABLE IF NOT EXISTS vanished (
+    user_id TEXT NOT NULL,
+    folder_id TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (user_id, folder_id, uid)
+);
+CREATE INDEX IF NOT EXISTS vanished_by_modseq ON vanished (user_id, folder_id, modseq);
+"""
+_POSTGRES_4 = _SQLITE_4.replace("INTEGER", "BIGINT")
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "initial schema", _SQLITE_1, _POSTGRES_1, oldest_compatible=1),
     Step(2, "messages by modseq", _SQLITE_2, _POSTGRES_2),
     Step(3, "spam filtering", _SQLITE_3, _POSTGRES_3),
+    Step(4, "expunge log", _SQLITE_4, _POSTGRES_4),
 )
