@@ -59,6 +59,7 @@ class Item:
 class Request:
     items: list[Item]
     changedsince: int | None = None
+    vanished: bool = False  # QRESYNC: report uids expunged since changedsince (RFC 7162 §3.2.6)
 
     @property
     def needs_content(self) -> bool:
@@ -96,11 +97,15 @@ def parse_request(cur: Cursor) -> Request:
             if modifier == "CHANGEDSINCE":
                 cur.sp()
                 request.changedsince = cur.number64()
+            elif modifier == "VANISHED":
+                request.vanished = True
             else:
                 raise ParseError(f"unknown FETCH modifier {modifier[:30]}")
             if cur.maybe(b")"):
                 break
             cur.sp()
+        if request.vanished and request.changedsince is None:
+            raise ParseError("VANISHED needs CHANGEDSINCE")
     return request
 
 

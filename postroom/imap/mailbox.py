@@ -34,6 +34,7 @@ class Selected:
     dirty: bool = False
     full_resync: bool = False  # events were missed: re-read the folder
     pending: list[Event] = field(default_factory=list)  # events not yet applied
+    qresync: bool = False  # removals are reported as VANISHED, not EXPUNGE (RFC 7162 §3.2.10)
 
     @property
     def exists(self) -> int:
@@ -163,8 +164,19 @@ class Selected:
         return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
 
     def report_gone(self) -> list[bytes]:
-        """EXPUNGE responses for the removed messages not yet reported, highest first."""
+        """EXPUNGE responses for the removed messages not yet reported, highest first (one
+        VANISHED response with QRESYNC)."""
         out: list[bytes] = []
+        if self.qresync:
+            known = sorted(u for u in self.gone if self.msn_of(u) is not None)
+            for uid in reversed(known):
+                msn = self.msn_of(uid)
+                assert msn is not None
+                del self.uids[msn - 1]
+                self.records.pop(uid, None)
+                self.recent.discard(uid)
+            self.gone.clear()
+            return [b"* VANISHED " + uid_set(known).encode()] if known else []
         for uid in sorted(self.gone, reverse=True):
             msn = self.msn_of(uid)
             if msn is None:
@@ -185,3 +197,19 @@ class Selected:
         if condstore:
             items.append(b"MODSEQ (%d)" % record.modseq)
         return b"* %d FETCH (" % (msn or 0) + b" ".join(items) + b")"
+
+
+def uid_set(numbers: list[int]) -> str:
+    """A compact set of ascending numbers: 1:3,7,9:10."""
+    out: list[str] = []
+    start = prev = -1
+    for n in numbers:
+        if n == prev + 1:
+            prev = n
+            continue
+        if start >= 0:
+            out.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = n
+    if start >= 0:
+        out.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(out)

@@ -34,14 +34,16 @@ from postroom.core.models import (
 from postroom.imap import fetch as fetchmod
 from postroom.imap import mime
 from postroom.imap.hub import SessionHub
-from postroom.imap.mailbox import Selected
+from postroom.imap.mailbox import Selected, uid_set
 from postroom.imap.parser import (
     Cursor,
     LineTooLong,
     LiteralTooLarge,
     ParseError,
     RawCommand,
+    SequenceSet,
     read_command,
+    resolve,
 )
 from postroom.imap.response import (
     decode_mailbox,
@@ -50,6 +52,7 @@ from postroom.imap.response import (
     string,
 )
 from postroom.imap.search import (
+    CHARSETS,
     BadCharset,
     Candidate,
     Context,
@@ -57,6 +60,7 @@ from postroom.imap.search import (
     parse_program,
     sequence_text,
 )
+from postroom.imap.sort import SORT_KEYS, sort_records, thread_references, thread_text
 from postroom.search.imap import criterion as index_criterion
 from postroom.service import (
     AuthFailed,
@@ -179,6 +183,7 @@ class ImapSession:
         self.user: User | None = None
         self.selected: Selected | None = None
         self.condstore = False
+        self.qresync = False
         self.wake = asyncio.Event()
         self.idling = False  # waiting in IDLE with everything sent: events may be written at once
         self.out = bytearray()
@@ -243,7 +248,9 @@ class ImapSession:
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
                 "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS",
-                "UIDPLUS", "MOVE", "ESEARCH", "CONDSTORE", f"APPENDLIMIT={self.limits.max_literal}"]
+                "UIDPLUS", "MOVE", "ESEARCH", "CONDSTORE", "QRESYNC", "SORT", "SORT=DISPLAY",
+                "THREAD=REFERENCES",
+                f"APPENDLIMIT={self.limits.max_literal}"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_context is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -304,7 +311,8 @@ class ImapSession:
             return
         # RFC 3501 §7.4.1: no EXPUNGE while answering FETCH, STORE or SEARCH (nor COPY, to be
         # safe with clients that pipeline on sequence numbers); UID variants may see them.
-        allow_expunge = uid or name not in ("FETCH", "STORE", "SEARCH", "COPY")
+        allow_expunge = uid or name not in ("FETCH", "STORE", "SEARCH", "COPY", "SORT",
+                                            "THREAD")
         try:
             done = await handler(self, tag, cur, uid)
         except Reply as reply:
@@ -526,6 +534,12 @@ class ImapSession:
             if word == "CONDSTORE" and "CONDSTORE" not in enabled:
                 self.condstore = True
                 enabled.append(word)
+            elif word == "QRESYNC" and "QRESYNC" not in enabled:
+                # RFC 7162 §3.2.3: QRESYNC implies CONDSTORE
+                self.condstore = self.qresync = True
+                if self.selected is not None:
+                    self.selected.qresync = True
+                enabled.append(word)
         if not enabled and not cur.at_end():
             raise ParseError("ENABLE needs capability names")
         self.emit(("* ENABLED " + " ".join(enabled)).rstrip().encode())
@@ -635,14 +649,24 @@ class ImapSession:
     async def _select(self, cur: Cursor, readonly: bool) -> str:
         cur.sp()
         name = self._mailbox_arg(cur)
+        resync: _Resync | None = None
         if not cur.at_end():
             cur.sp()
-            params = cur.paren_list(cur.atom)
-            for param in params:
-                if param.upper() == "CONDSTORE":
+            cur.expect(b"(")
+            while True:
+                param = cur.keyword()
+                if param == "CONDSTORE":
                     self.condstore = True
+                elif param == "QRESYNC":
+                    if not self.qresync:
+                        raise _bad("QRESYNC needs ENABLE QRESYNC first")
+                    cur.sp()
+                    resync = _parse_resync(cur)
                 else:
                     raise ParseError(f"unknown SELECT parameter {param[:30]}")
+                if cur.maybe(b")"):
+                    break
+                cur.sp()
         cur.end()
         if self.selected is not None:
             self.unselect()
@@ -651,7 +675,7 @@ class ImapSession:
         folder = await self._folder(name)
         folder, records = await self.service.folder_messages(user, folder.folder_id)
         records = [_intern(r) for r in records]
-        selected = Selected(folder, readonly)
+        selected = Selected(folder, readonly, qresync=self.qresync)
         uids = [r.uid for r in records]
         recent = (self.hub.unclaimed(user.user_id, folder.folder_id, uids) if readonly
                   else self.hub.claim_recent(user.user_id, folder.folder_id, uids))
@@ -675,8 +699,28 @@ class ImapSession:
         self.emit(b"* OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
         self.emit(b"* OK [UIDNEXT %d] predicted next UID" % folder.uidnext)
         self.emit(b"* OK [HIGHESTMODSEQ %d] highest modseq" % folder.highestmodseq)
+        if resync is not None and resync.uidvalidity == folder.uidvalidity:
+            await self._resync(selected, resync)
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         return f"OK [{mode}] {'EXAMINE' if readonly else 'SELECT'} completed"
+
+    async def _resync(self, selected: Selected, resync: _Resync) -> None:
+        """RFC 7162 §3.2.5: what changed since the client's modseq, as VANISHED (EARLIER)
+        for removed uids and FETCH for messages whose flags changed."""
+        gone = await self.service.vanished(self._user(), selected.folder.folder_id,
+                                           resync.modseq)
+        if resync.known is not None:
+            ranges = resolve(resync.known, max([selected.max_uid, *gone, 1]))
+            gone = [u for u in gone if any(lo <= u <= hi for lo, hi in ranges)]
+        gone = [u for u in gone if u not in selected.records]
+        if gone:
+            self.emit(b"* VANISHED (EARLIER) " + uid_set(gone).encode())
+        for msn, u in enumerate(selected.uids, 1):
+            record = selected.records[u]
+            if record.modseq > resync.modseq:
+                self.emit(b"* %d FETCH (UID %d FLAGS " % (msn, u)
+                          + flag_list(record.flags, u in selected.recent)
+                          + b" MODSEQ (%d))" % record.modseq)
 
     async def cmd_create(self, tag: str, cur: Cursor, uid: bool) -> str:
         cur.sp()
@@ -990,11 +1034,26 @@ class ImapSession:
 
     async def cmd_fetch(self, tag: str, cur: Cursor, uid: bool) -> str:
         cur.sp()
+        start = cur.pos
         uids = self._uids(cur, uid)
+        seq_end = cur.pos
         cur.sp()
         request = fetchmod.parse_request(cur)
         cur.end()
         selected = self._sel()
+        if request.vanished:
+            if not uid or not self.qresync:
+                raise _bad("VANISHED needs UID FETCH and ENABLE QRESYNC")
+            assert request.changedsince is not None
+            cur.pos = start
+            ranges = resolve(cur.sequence_set(), selected.max_uid)
+            cur.pos = seq_end
+            gone = await self.service.vanished(self._user(), selected.folder.folder_id,
+                                               request.changedsince)
+            gone = [u for u in gone if u not in selected.records
+                    and any(lo <= u <= hi for lo, hi in ranges)]
+            if gone:
+                self.emit(b"* VANISHED (EARLIER) " + uid_set(gone).encode())
         if request.changedsince is not None:
             self.condstore = True
             if not request.has("MODSEQ"):
@@ -1220,6 +1279,60 @@ class ImapSession:
             self.emit(out.encode())
         return f"OK {'UID ' if uid else ''}SEARCH completed"
 
+    async def cmd_sort(self, tag: str, cur: Cursor, uid: bool) -> str:
+        """RFC 5256: SORT (criteria) charset search-keys."""
+        cur.sp()
+        cur.expect(b"(")
+        criteria: list[tuple[str, bool]] = []
+        reverse = False
+        while True:
+            word = cur.keyword()
+            if word == "REVERSE" and not reverse:
+                reverse = True
+                cur.sp()
+                continue
+            if word not in SORT_KEYS:
+                raise ParseError(f"unknown sort criterion {word[:30]}")
+            criteria.append((word, reverse))
+            reverse = False
+            if cur.maybe(b")"):
+                break
+            cur.sp()
+        program = self._charset_program(cur)
+        selected = self._sel()
+        matched = await self._search(program)
+        ordered = sort_records([selected.records[u] for u in matched], criteria)
+        numbers = [r.uid if uid else selected.msn_of(r.uid) or 0 for r in ordered]
+        self.emit(b"* SORT" + b"".join(b" %d" % n for n in numbers))
+        return f"OK {'UID ' if uid else ''}SORT completed"
+
+    async def cmd_thread(self, tag: str, cur: Cursor, uid: bool) -> str:
+        """RFC 5256: THREAD REFERENCES charset search-keys."""
+        cur.sp()
+        algorithm = cur.keyword()
+        if algorithm != "REFERENCES":
+            raise ParseError(f"unsupported threading algorithm {algorithm[:30]}")
+        program = self._charset_program(cur)
+        selected = self._sel()
+        matched = await self._search(program)
+        roots = thread_references([selected.records[u] for u in matched])
+        text = thread_text(roots, (lambda r: r.uid) if uid
+                           else (lambda r: selected.msn_of(r.uid) or 0))
+        self.emit(b"* THREAD " + text if text else b"* THREAD")
+        return f"OK {'UID ' if uid else ''}THREAD completed"
+
+    def _charset_program(self, cur: Cursor) -> Program:
+        cur.sp()
+        charset = cur.astring_text().upper()
+        if charset not in CHARSETS:
+            raise _no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        cur.sp()
+        program = parse_program(cur)
+        cur.end()
+        if program.uses_modseq:
+            self.condstore = True
+        return program
+
     async def _search(self, program: Program) -> list[int]:
         selected = self._sel()
         user = self._user()
@@ -1289,6 +1402,36 @@ async def _record_for(service: MailService, user: User, event: Event) -> Message
     return _intern(record)
 
 
+@dataclass(frozen=True)
+class _Resync:
+    """SELECT's QRESYNC parameter: what the client last saw (RFC 7162 §3.2.5)."""
+
+    uidvalidity: int
+    modseq: int
+    known: SequenceSet | None  # known-uids; seq-match-data is accepted and not needed
+
+
+def _parse_resync(cur: Cursor) -> _Resync:
+    cur.expect(b"(")
+    uidvalidity = cur.number(nonzero=True)
+    cur.sp()
+    modseq = cur.number64()
+    known: SequenceSet | None = None
+    if cur.maybe(b" "):
+        if cur.peek() != 0x28:
+            known = cur.sequence_set()
+            if not cur.maybe(b" "):
+                cur.expect(b")")
+                return _Resync(uidvalidity, modseq, known)
+        cur.expect(b"(")  # seq-match-data: (known-sequence-set known-uid-set)
+        cur.sequence_set()
+        cur.sp()
+        cur.sequence_set()
+        cur.expect(b")")
+    cur.expect(b")")
+    return _Resync(uidvalidity, modseq, known)
+
+
 class _DoneSignal(Exception):
     """STARTTLS has answered already: no tagged response follows."""
 
@@ -1332,5 +1475,8 @@ _COMMANDS: dict[str, tuple[frozenset[State], Handler]] = {
     "STORE": (_SELECTED, ImapSession.cmd_store),
     "COPY": (_SELECTED, ImapSession.cmd_copy),
     "MOVE": (_SELECTED, ImapSession.cmd_move),
+    "SORT": (_SELECTED, ImapSession.cmd_sort),
+    "THREAD": (_SELECTED, ImapSession.cmd_thread),
 }
-_UID_COMMANDS = frozenset({"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"})
+_UID_COMMANDS = frozenset({"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT",
+                           "THREAD"})
