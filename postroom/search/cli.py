@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from postroom.search.reindex import read_maildir, read_mbox, reindex_user
+from postroom.search.reindex import Imported, read_maildir, read_mbox, reindex_user
 from postroom.service import ConflictError, InvalidInput, MailService, NotFoundError
+
+IMPORT_BATCH = 200  # messages filed in one transaction
+IMPORT_BATCH_BYTES = 32 * 1024 * 1024
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -101,15 +104,31 @@ async def run_import(args: argparse.Namespace, service: MailService) -> int:
             folder = await service.get_folder(user, args.folder)
     bar = ProgressBar(f"import {path.name}")
     done = failed = 0
-    for item in items:
-        try:
-            await service.append(user, folder.folder_id, item.raw, item.flags,
-                                 item.internal_date)
-        except InvalidInput as exc:  # too large, say: report it and carry on
-            failed += 1
-            print(f"\nskipped message {done + 1}: {exc}", file=sys.stderr)
-        done += 1
+    batch: list[Imported] = []
+
+    async def file_batch() -> None:
+        nonlocal done, failed
+        try:  # one commit for the batch
+            await service.append_many(user, folder.folder_id,
+                                      [(i.raw, i.flags, i.internal_date) for i in batch])
+        except InvalidInput:  # one of them is refused: file them one by one, saying which
+            for k, item in enumerate(batch):
+                try:
+                    await service.append(user, folder.folder_id, item.raw, item.flags,
+                                         item.internal_date)
+                except InvalidInput as exc:  # too large, say: report it and carry on
+                    failed += 1
+                    print(f"\nskipped message {done + k + 1}: {exc}", file=sys.stderr)
+        done += len(batch)
+        batch.clear()
         bar(done, total)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= IMPORT_BATCH or sum(len(i.raw) for i in batch) > IMPORT_BATCH_BYTES:
+            await file_batch()
+    if batch:
+        await file_batch()
     print(f"imported {done - failed} messages into {folder.name}"
           + (f" ({failed} skipped)" if failed else ""))
     return 0 if not failed else 1

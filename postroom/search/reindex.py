@@ -9,6 +9,7 @@ ignores (results are read back from the metadata store) and the next reindex dro
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import mailbox
 import os
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from postroom.core.models import User
-from postroom.search.document import doc_state
-from postroom.search.indexer import make_document
+from postroom.core.models import MessageRecord, User
+from postroom.search.document import DocumentPool, doc_state
 from postroom.store.errors import NotFound
+from postroom.store.search import IndexDocument
 
 if TYPE_CHECKING:
     from postroom.service import MailService
@@ -32,8 +33,9 @@ BATCH = 100
 
 
 async def reindex_user(service: MailService, user: User,
-                       progress: Progress | None = None) -> int:
-    """Index every message of the user afresh and drop documents of vanished ones."""
+                       progress: Progress | None = None, workers: int | None = None) -> int:
+    """Index every message of the user afresh and drop documents of vanished ones; the
+    documents are built by `workers` processes (default one per core)."""
     index = service.search_index
     if index is None:
         raise RuntimeError("no search index configured")
@@ -46,22 +48,38 @@ async def reindex_user(service: MailService, user: User,
     for start in range(0, len(stale), 500):
         await index.remove(user.user_id, stale[start : start + 500])
     done = 0
-    for start in range(0, len(records), BATCH):
-        batch = records[start : start + BATCH]
-        docs = []
+    pool = DocumentPool(workers)
+
+    async def build(batch: list[MessageRecord]) -> list[IndexDocument]:
+        items = []
         for record in batch:
             try:
-                raw = await service.blobs.get(record.blob_hash)
+                items.append((record, await service.blobs.get(record.blob_hash)))
             except NotFound:
                 continue
-            docs.append(await make_document(record, raw))
-        await index.index(docs)
-        # whatever the server changed while this batch was built wins
-        fresh = await service.metadata.get_messages(user.user_id, [r.message_id for r in batch])
-        await index.update(user.user_id, [doc_state(r) for r in fresh])
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(records))
+        return await pool.build(items)
+
+    batches = [records[at : at + BATCH] for at in range(0, len(records), BATCH)]
+    try:
+        # the next batch is built in the pool while this one is written
+        ahead = asyncio.ensure_future(build(batches[0])) if batches else None
+        for k, batch in enumerate(batches):
+            assert ahead is not None
+            docs = await ahead
+            ahead = asyncio.ensure_future(build(batches[k + 1])) \
+                if k + 1 < len(batches) else None
+            await index.index(docs)
+            # whatever the server changed while this batch was built wins
+            fresh = await service.metadata.get_messages(user.user_id,
+                                                        [r.message_id for r in batch])
+            await index.update(user.user_id, [doc_state(r) for r in fresh])
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(records))
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+        pool.close()
     return done
 
 

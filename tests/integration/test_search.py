@@ -337,3 +337,31 @@ async def test_reindex_rebuilds_a_lost_index(node: Postroom, alice: User,
     assert count == len(mailbox_ids) and progress[-1] == (count, count)
     assert await found(s, alice, "in:anywhere", limit=100) == before
     assert await found(s, alice, "cafe") == [mailbox_ids["lunch"]]
+
+
+async def test_import_files_in_batches_and_skips_what_it_refuses(
+        node: Postroom, alice: User, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from postroom.search.cli import run_import
+
+    box = mailbox.mbox(str(tmp_path / "batch.mbox"))
+    for i in range(5):
+        body = "x" * 50_000 if i == 2 else f"imported number {i}"
+        box.add(mailbox.mboxMessage(raw(f"Batch {i}", body=body, date=NOW - i * DAY)))
+    box.flush()
+    box.close()
+    s = node.service
+    s.max_message_bytes = 20_000
+    args = argparse.Namespace(command="import", format="mbox", path=tmp_path / "batch.mbox",
+                              user=alice.address, folder="Imported")
+    assert await run_import(args, s) == 1  # one was refused
+    assert "skipped message 3" in capsys.readouterr().err
+    assert len(await found(s, alice, "imported", limit=10)) == 4
+    assert len(await found(s, alice, "in:Imported", limit=10)) == 4
+    # a batch of good ones files in one go
+    records = await s.append_many(alice, "INBOX", [(raw("One", body="alpha beta"), ["\\Seen"],
+                                                    None), (raw("Two"), [], NOW - DAY)])
+    assert [r.flags.system != 0 for r in records] == [True, False]
+    with pytest.raises(InvalidInput):
+        await s.append_many(alice, "INBOX", [(raw("Bad"), ["\\Bogus"], None)])
