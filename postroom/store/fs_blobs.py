@@ -86,11 +86,29 @@ class FsBlobStore:
                 break
             current = parent
         for directory in reversed(missing):
-            try:
-                os.mkdir(directory)
-            except FileExistsError:
-                continue  # a concurrent put made it; whoever did also fsyncs the parent
-            _fsync_dir(os.path.dirname(directory))
+            parent = os.path.dirname(directory)
+            made = False
+            # A fan-out directory's 255 siblings are made with it, under one fsync of their
+            # parent: otherwise nearly every put into a young store pays an extra fsync for
+            # its own new leaf directory.
+            for sibling in self._fan_out_siblings(directory):
+                try:
+                    os.mkdir(sibling)
+                    made = True
+                except FileExistsError:
+                    continue  # a concurrent put made it; whoever did also fsyncs the parent
+            if made:
+                _fsync_dir(parent)
+
+    def _fan_out_siblings(self, directory: str) -> list[str]:
+        """`directory` first, then (for a fan-out level below the root) every other
+        two-hex-digit name beside it."""
+        parent, name = os.path.split(directory)
+        if len(name) != 2 or not (parent == self.root or os.path.dirname(parent) == self.root) \
+                or any(c not in "0123456789abcdef" for c in name):
+            return [directory]
+        return [directory, *(os.path.join(parent, f"{i:02x}") for i in range(256)
+                             if f"{i:02x}" != name)]
 
     def _write(self, digest: str, data: bytes) -> None:
         final = self.path_of(digest)
