@@ -300,19 +300,23 @@ class OutboundDelivery:
 
         A retry put a copy due now (same first id) before removing ours; we keep our put-back,
         which holds this attempt's results, and withdraw the copy. No copy: it was deleted, and
-        so is our put-back. (`queue delete` also removes every item of the same first id, which
-        covers a put-back made before it listed the queue.)
+        so is our put-back. Our put-back is only ours if it holds our payload: when another
+        worker, delivering the copy, put back first under the same id, ours was a no-op, and
+        that item stays as it is.
         """
+        mine = message.payload()
         # A copy's id is its first id (or, made before the first attempt, the item's) + "-…".
-        copies = [other for other in await self.queue.list(OUTGOING, limit=LIST_LIMIT)
-                  if other.item_id != new_id and (_first_id(other) == message.id
-                                                  or other.item_id.startswith(message.id + "-"))]
-        if copies:
-            for other in copies:
-                await self.queue.remove(OUTGOING, other.item_id)
+        related = [other for other in await self.queue.list(OUTGOING, limit=LIST_LIMIT)
+                   if _first_id(other) == message.id or other.item_id.startswith(message.id + "-")]
+        ours = [i for i in related if i.item_id == new_id and i.payload == mine]
+        others = [i for i in related if not (i.item_id == new_id and i.payload == mine)]
+        if others:
+            if ours:
+                for other in others:
+                    await self.queue.remove(OUTGOING, other.item_id)
             log.info("outgoing %s: retried by the operator during an attempt; the attempt "
-                     "counts as the retry (%s)", message.id, new_id)
-        else:
+                     "counts as the retry", message.id)
+        elif ours:
             await self.queue.remove(OUTGOING, new_id)
             log.info("outgoing %s: deleted by the operator during an attempt; not retried",
                      message.id)
