@@ -13,12 +13,22 @@ from pathlib import Path
 
 import httpx
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 now and never handed out before in this test run.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket is
+    closed; a server given one port for two listeners would fail to start.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def postroom_cmd() -> list[str]:
