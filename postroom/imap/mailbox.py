@@ -163,6 +163,14 @@ class Selected:
         self.highestmodseq = max(self.highestmodseq, record.modseq)
         return [b"* %d EXISTS" % len(self.uids), b"* %d RECENT" % len(self.recent)]
 
+    def own_modseqs(self, modseqs: list[int]) -> None:
+        """This session's own change took the folder to these modseqs. When it follows
+        straight on from what the session has seen (no gap another writer could have
+        filled), the session is up to date at it: a NOOP then need not re-read the folder."""
+        for modseq in sorted(set(modseqs)):
+            if modseq == self.highestmodseq + 1:
+                self.highestmodseq = modseq
+
     def report_gone(self) -> list[bytes]:
         """EXPUNGE responses for the removed messages not yet reported, highest first (one
         VANISHED response with QRESYNC)."""

@@ -1027,6 +1027,7 @@ class ImapSession:
             removed = await self.service.expunge(self._user(), deleted)
             here = selected.folder.folder_id
             selected.gone |= {g.uid for g in removed if g.folder_id == here}
+            selected.own_modseqs([g.modseq for g in removed if g.folder_id == here])
             for line in selected.report_gone():
                 self.emit(line)
         await self.updates(True)
@@ -1073,6 +1074,8 @@ class ImapSession:
                 for record in changed:
                     if record.uid in selected.records:
                         selected.records[record.uid] = record
+                selected.own_modseqs([r.modseq for r in changed
+                                      if r.folder_id == selected.folder.folder_id])
                 add_flags = not request.has("FLAGS")
         missing = 0
         sem = asyncio.Semaphore(_CONTENT_READS)
@@ -1160,6 +1163,8 @@ class ImapSession:
             if u is not None:
                 selected.records[u] = record
                 changed_uids.add(u)
+        selected.own_modseqs([r.modseq for r in changed
+                              if r.folder_id == selected.folder.folder_id])
         modified_uids = sorted(by_id[m] for m in modified if m in by_id)
         for u in live:
             if u in modified_uids:
