@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -23,10 +24,11 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 
 
 class ImageHost(BaseHTTPRequestHandler):
-    seen: list[dict[str, str]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
-        ImageHost.seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+    def do_GET(self) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        ImageHost.seen.append({"path": self.path, **headers})
         if self.path.startswith("/pixel.png"):
             body, ctype = PNG, "image/png"
         elif self.path == "/moved":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -360,5 +361,63 @@ def test_sign_out_revokes_the_token(server: ServerProcess, browser: Browser) -> 
         page.get_by_label("Password").fill("wrong password")
         page.get_by_role("button", name="Sign in").click()
         expect(page.locator("#signin-error")).to_contain_text("Wrong address or password")
+    finally:
+        alice.close()
+
+
+# Records the page's WebSockets and, while window.__blockWs is set, hands the page a socket that
+# fails at once (as a refused connection would), so the page stays offline and keeps retrying
+# while mail arrives.
+_WS_SPY = """(() => {
+  const Native = window.WebSocket;
+  window.__sockets = []; window.__wsUrls = []; window.__blockWs = false;
+  function Spy(url, protocols) {
+    window.__wsUrls.push(String(url));
+    if (window.__blockWs) {
+      const dead = { readyState: 3, close() {}, send() {} };
+      Object.defineProperty(dead, "onclose", { set(fn) {
+        setTimeout(() => fn({ code: 1006, reason: "" }), 0); } });
+      return dead;
+    }
+    const ws = new Native(url, protocols);
+    window.__sockets.push(ws);
+    return ws;
+  }
+  Spy.prototype = Native.prototype;
+  Object.assign(Spy, { CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3 });
+  window.WebSocket = Spy;
+})();"""
+
+
+def test_push_reconnects_with_last_event_id_and_misses_nothing(
+        server: ServerProcess, browser: Browser) -> None:
+    alice = Guarded(browser, server, viewport={"width": 1280, "height": 800})
+    try:
+        alice.context.add_init_script(_WS_SPY)
+        page = alice.sign_in(ALICE, ALICE_PW)
+        tag = uuid.uuid4().hex[:6]
+        deliver(server, ALICE, f"before drop {tag}", "live")
+        expect(page.locator("#list .row", has_text=f"before drop {tag}")).to_be_visible(
+            timeout=15000)
+        page.evaluate("window.__noReload = 7")
+        # The socket drops; reconnecting fails until we allow it again.
+        page.evaluate("window.__blockWs = true; window.__sockets.at(-1).close()")
+        expect(page.locator("#live-state.on")).to_have_count(0, timeout=10000)
+        missed = [f"while away {n} {tag}" for n in range(2)]
+        for subject in missed:
+            deliver(server, ALICE, subject, "sent while the page was offline")
+        page.wait_for_timeout(1000)  # a failed retry or two
+        for subject in missed:
+            expect(page.locator("#list .row", has_text=subject)).to_have_count(0)
+        page.evaluate("window.__blockWs = false")
+        for subject in missed:
+            expect(page.locator("#list .row", has_text=subject)).to_be_visible(timeout=20000)
+        # It came back with the id of the last frame it saw, was replayed what it missed,
+        # and the page never reloaded.
+        last_url = page.evaluate("window.__wsUrls.at(-1)")
+        assert "last_event_id=" in last_url, last_url
+        assert page.evaluate("window.__noReload") == 7
+        expect(page.locator("#live-state.on")).to_have_count(1, timeout=10000)
+        assert not alice.errors, alice.errors
     finally:
         alice.close()

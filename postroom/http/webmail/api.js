@@ -55,6 +55,7 @@ export const listMessages = (folderId, cursor, limit = 50) =>
 export const search = (q, cursor, limit = 50) =>
   call("GET", `/v1/search?q=${encodeURIComponent(q)}&limit=${limit}` +
     (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+export const thread = (id) => call("GET", `/v1/threads/${encodeURIComponent(id)}`);
 export const message = (id) => call("GET", `/v1/messages/${encodeURIComponent(id)}`);
 export const patchMessage = (id, body) => call("PATCH", `/v1/messages/${encodeURIComponent(id)}`, body);
 export const deleteMessage = (id) => call("DELETE", `/v1/messages/${encodeURIComponent(id)}`);

@@ -309,17 +309,17 @@ async function openMessage(summary) {
   }
 }
 
-// The other messages of the conversation, oldest first: the loaded list's rows with the same
-// thread, and the search index's (every folder, Sent included) by normalised subject.
+// The other messages of the conversation, oldest first, in every folder (Sent included):
+// GET /v1/threads/{id}; the loaded list's rows of the same thread if that fails.
 async function conversation(detail) {
   const found = new Map();
-  for (const r of state.rows) if (r.thread_id === detail.thread_id && r.id !== detail.id) found.set(r.id, r);
-  const subject = (detail.subject || "").replace(/^((re|fwd?|aw|sv)\s*:\s*)+/i, "").replace(/["\\()]/g, " ").trim();
-  if (subject && detail.thread_id) {
+  if (detail.thread_id) {
     try {
-      const page = await api.search(`subject:"${subject}" in:anywhere`, null, 50);
-      for (const r of page.results) if (r.thread_id === detail.thread_id && r.id !== detail.id) found.set(r.id, r);
-    } catch { /* search may be unavailable: the list's rows still group */ }
+      const thread = await api.thread(detail.thread_id);
+      for (const r of thread.messages) if (r.id !== detail.id) found.set(r.id, r);
+    } catch {
+      for (const r of state.rows) if (r.thread_id === detail.thread_id && r.id !== detail.id) found.set(r.id, r);
+    }
   }
   return [...found.values()].sort((a, b) => (a.received_at < b.received_at ? -1 : 1));
 }

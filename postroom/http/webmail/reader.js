@@ -1,8 +1,10 @@
 // The reading pane's mail body. HTML mail, already sanitised by the server, goes into an iframe
 // with `sandbox` (no scripts, no forms, no same-origin, no top navigation) whose document also
 // carries its own Content-Security-Policy: nothing may be fetched except images we inline as
-// data: URLs ourselves (cid: parts). Remote images are dropped by the server; links open in a
-// new tab without a referrer.
+// data: URLs ourselves (cid: parts). Remote images come marked `remote-image:N` and stay
+// hidden until the reader asks; then each is fetched through the server's image proxy (the
+// sender never sees the reader) and inlined as a data: URL too. Links open in a new tab
+// without a referrer.
 import { attachmentBlob } from "./api.js";
 import { h } from "./dom.js";
 
@@ -25,7 +27,7 @@ const toDataUrl = (blob) => new Promise((resolve, reject) => {
   reader.readAsDataURL(blob);
 });
 
-async function inlineParts(html, detail) {
+async function inlineParts(html, detail, showRemote) {
   // An inert document (DOMParser runs no scripts and loads nothing) to rewrite cid: images.
   const doc = new DOMParser().parseFromString(html, "text/html");
   for (const img of doc.querySelectorAll("img[src^='cid:' i]")) {
@@ -35,6 +37,15 @@ async function inlineParts(html, detail) {
     try { img.setAttribute("src", await toDataUrl(await attachmentBlob(part.url))); }
     catch { img.removeAttribute("src"); }
   }
+  for (const img of doc.querySelectorAll("img[src^='remote-image:']")) {
+    const url = (detail.remote_images || [])[Number(img.getAttribute("src").slice(13))];
+    img.removeAttribute("src");
+    if (!showRemote || !url) continue;
+    try {
+      const proxied = `/v1/messages/${encodeURIComponent(detail.id)}/image?url=${encodeURIComponent(url)}`;
+      img.setAttribute("src", await toDataUrl(await attachmentBlob(proxied)));
+    } catch { /* unreachable or not an image: stays blank */ }
+  }
   for (const a of doc.querySelectorAll("a[href]")) {
     a.setAttribute("target", "_blank");
     a.setAttribute("rel", "noopener noreferrer nofollow");
@@ -42,12 +53,17 @@ async function inlineParts(html, detail) {
   return doc.body.innerHTML;
 }
 
-export async function bodyView(detail) {
+export async function bodyView(detail, showRemote = false) {
   const box = h("div", { class: "msg-body" });
-  if (detail.remote_images_blocked > 0) {
+  if (detail.remote_images_blocked > 0 && !showRemote) {
+    const show = h("button", { type: "button", class: "link-btn show-images" }, "Show images");
+    show.addEventListener("click", async () => {
+      show.disabled = true;
+      box.replaceWith(await bodyView(detail, true));
+    });
     box.append(h("p", { class: "notice", role: "note" },
       `${detail.remote_images_blocked} remote image${detail.remote_images_blocked > 1 ? "s" : ""} ` +
-      "blocked to protect your privacy."));
+      "blocked to protect your privacy. ", show));
   }
   if (detail.html) {
     const frame = h("iframe", {
@@ -57,7 +73,7 @@ export async function bodyView(detail) {
       loading: "lazy",
       class: "mail-frame",
     });
-    const inner = await inlineParts(detail.html, detail);
+    const inner = await inlineParts(detail.html, detail, showRemote);
     frame.srcdoc = "<!doctype html><html><head><meta charset=\"utf-8\">" +
       `<meta http-equiv="Content-Security-Policy" content="${FRAME_CSP}">` +
       `<meta name="referrer" content="no-referrer"><base target="_blank"><style>${await styleText()}</style>` +
