@@ -8,8 +8,9 @@ fresh Message-ID and Date each until there are N. 85 % land in INBOX, 5 % each i
 Trash and Junk; 70 % are read and 5 % flagged (seeded, the same in both engines).
 
 Postroom: each message is parsed and turned into its index document (words, attachment names,
-the IMAP texts) and written to the SQLite FTS5 index in batches of 200, on one core; the figure
-is documents per second, parsing included. Queries go through the real parser, planner, index
+the IMAP texts) in a pool of worker processes, one per core (`--workers`, as `postroom search
+reindex` does), and written to the SQLite FTS5 index in batches of 200 by this process while
+the next batches are built; the figure is documents per second, parsing included. Queries go through the real parser, planner, index
 and snippet highlighter, newest first, top 50, for one user.
 
 notmuch (Debian's `notmuch` and `python3-notmuch2`, when installed): the same messages as
