@@ -10,8 +10,9 @@ Trash and Junk; 70 % are read and 5 % flagged (seeded, the same in both engines)
 Postroom: each message is parsed and turned into its index document (words, attachment names,
 the IMAP texts) in a pool of worker processes, one per core (`--workers`, as `postroom search
 reindex` does), and written to the SQLite FTS5 index in batches of 200 by this process while
-the next batches are built; the figure is documents per second, parsing included. Queries go through the real parser, planner, index
-and snippet highlighter, newest first, top 50, for one user.
+the next batches are built; the figure is documents per second, parsing included. Queries go
+through the real parser, planner, index and snippet highlighter, newest first, top 50, for one
+user.
 
 notmuch (Debian's `notmuch` and `python3-notmuch2`, when installed): the same messages as
 Maildir files (flags in the file names, folders as Maildir++ subfolders), indexed with
