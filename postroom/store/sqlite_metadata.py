@@ -477,6 +477,9 @@ class SqliteMetadataStore:
             return
         self._writer = self._readers = None
         await asyncio.to_thread(self._shutdown, writer, readers)
+        # forget the per-thread connections just closed (the event loop's own, of _read_now),
+        # so a reopened store makes new ones
+        self._local = threading.local()
 
     def _shutdown(self, writer: ThreadPoolExecutor, readers: ThreadPoolExecutor) -> None:
         writer.shutdown(wait=True)

@@ -45,3 +45,18 @@ def test_sequential_semantics_inside_a_batch(tmp_path: Path, count: int) -> None
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_reopen_same_store_reads_on_the_loop_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
+        await store.open()
+        user = await store.create_user("c@example.test", "x")
+        folder = await store.create_folder(user.user_id, "H")
+        assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+        await store.open()
+        assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+
+    asyncio.run(scenario())
