@@ -38,10 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 class ProgressBar:
     """A one-line bar on a terminal; a line every 10 % elsewhere (logs, pipes)."""
 
-    def __init__(self, label: str, out: TextIO = sys.stderr) -> None:
+    def __init__(self, label: str, out: TextIO | None = None) -> None:
         self.label = label
-        self.out = out
-        self.tty = out.isatty()
+        # sys.stderr read now, not at import: it may have been replaced since (pytest does)
+        self.out = out if out is not None else sys.stderr
+        self.tty = self.out.isatty()
         self.start = time.monotonic()
         self._last_tenth = -1
 
