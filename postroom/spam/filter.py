@@ -35,6 +35,7 @@ from postroom.spam.auth import Authenticator, AuthResults, aligned, org_domain
 from postroom.spam.classifier import ContentClassifier, ContentScore
 from postroom.spam.dnsbl import listed_in
 from postroom.spam.model import UserModel
+from postroom.spam.pool import ScoringPool
 from postroom.store.blobs import BlobStore
 from postroom.store.metadata import MetadataStore
 
@@ -187,10 +188,13 @@ class SpamFilter:
         resolver: dns.asyncresolver.Resolver | None,
         hostname: str,
         settings: FilterSettings | None = None,
+        scoring: ScoringPool | None = None,
     ) -> None:
         self.metadata = metadata
         self.blobs = blobs
         self.classifier = classifier
+        # Content scoring in worker processes (postroom.spam.pool); None: in this process.
+        self.scoring = scoring
         self.authenticator = authenticator
         self.resolver = resolver
         self.hostname = hostname
@@ -216,8 +220,7 @@ class SpamFilter:
         zones: list[str] = []
         if s.dnsbl_zones and self.resolver is not None and remote:
             zones = await listed_in(self.resolver, envelope.client_ip, list(s.dnsbl_zones))
-        parsed = await asyncio.to_thread(parse_message, raw)
-        content = self.classifier.score(parsed)
+        content = await self._content_score(raw)
         reasons: list[str] = []
         score = max(-15.0, min(15.0, content.logit))
         reasons.append(f"CONTENT={content.logit:+.1f}")
@@ -248,6 +251,22 @@ class SpamFilter:
             reject = "Message refused as spam"
         return Analysis(round(score, 2), round(content.logit, 2), reasons, auth, zones,
                         subjects, reject, trusted=not remote)
+
+    async def _content_score(self, raw: bytes) -> ContentScore:
+        """The global model's score of the message, off the event loop."""
+        if self.scoring is not None:
+            return await self.scoring.score(raw)
+        parsed = await asyncio.to_thread(parse_message, raw)
+        return self.classifier.score(parsed)
+
+    def start(self) -> None:
+        """Start the content scoring processes (the MX listener is about to take mail)."""
+        if self.scoring is not None:
+            self.scoring.start()
+
+    def close(self) -> None:
+        if self.scoring is not None:
+            self.scoring.close()
 
     async def screen(self, envelope: Envelope, raw: bytes) -> Screening:
         """SMTP-time analysis (MailService.screen_incoming): refuse, or the headers to add

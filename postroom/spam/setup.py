@@ -9,6 +9,7 @@ from postroom.spam.auth import Authenticator, make_sync_resolver
 from postroom.spam.classifier import ContentClassifier
 from postroom.spam.dnsbl import make_async_resolver
 from postroom.spam.filter import FilterSettings, SpamFilter
+from postroom.spam.pool import ScoringPool
 from postroom.store.blobs import BlobStore
 from postroom.store.metadata import MetadataStore
 
@@ -26,10 +27,13 @@ def make_spam_filter(settings: Settings, metadata: MetadataStore,
                      blobs: BlobStore) -> SpamFilter:
     s = settings.spam
     servers, timeout = list(settings.dns.servers), settings.dns.timeout
+    model = model_path(settings)
+    classifier = ContentClassifier.from_file(model)
     return SpamFilter(
         metadata=metadata,
         blobs=blobs,
-        classifier=ContentClassifier.from_file(model_path(settings)),
+        classifier=classifier,
+        scoring=ScoringPool(classifier, model),
         authenticator=Authenticator(make_sync_resolver(servers, timeout))
         if s.check_auth else None,
         resolver=make_async_resolver(servers, timeout) if s.dnsbl else None,

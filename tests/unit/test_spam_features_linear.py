@@ -1,4 +1,5 @@
-"""Body addresses are found in linear time, with exactly the regex's results."""
+"""Body addresses and link hosts are found without trying a regex at every offset, with
+exactly the regex's results."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import time
 
 from postroom.core.message import parse_message
-from postroom.spam.features import _email_domains, extract
+from postroom.spam.features import _URL, _email_domains, _url_hosts, extract
 
 # what the content features were trained with
 _EMAIL = re.compile(r"[\w.+-]+@([a-z0-9.-]+\.[a-z]{2,})", re.I)
@@ -32,3 +33,15 @@ def test_long_runs_without_at_sign_cost_little() -> None:
     started = time.process_time()
     extract(parsed)
     assert time.process_time() - started < 0.25
+
+
+def test_url_hosts_match_the_regex() -> None:
+    rng = random.Random(7)
+    pieces = ["http", "HTTP", "https://", "://", "www.", "WwW.", "w", "h", "a", ".", "-", "/",
+              " ", "\u0130", "\u00e9", "1", "\n"]
+    samples = ["see http://example.com/x and WWW.Foo.org, https://a.b/c", "httphttp://x.y",
+               "www.www.a", "http://", "\u0130 http://x.org"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+                for _ in range(20_000)]
+    for text in samples:
+        assert _url_hosts(text) == [m.group(1) for m in _URL.finditer(text)], text
