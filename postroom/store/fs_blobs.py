@@ -88,9 +88,12 @@ class FsBlobStore:
         for directory in reversed(missing):
             parent = os.path.dirname(directory)
             made = False
-            # A fan-out directory's 255 siblings are made with it, under one fsync of their
-            # parent: otherwise nearly every put into a young store pays an extra fsync for
-            # its own new leaf directory.
+            # A top-level fan-out directory's 255 siblings are made with it, under one fsync of
+            # the root: otherwise nearly every put into a young store pays an extra fsync for
+            # its own new first-level directory. Not below that: all 65,536 leaf directories
+            # would be 256 MB of directory blocks and cost ~3 ms of CPU per put for a young
+            # store's first ~1,500 puts (measured with 6 writers: 223 puts/s against 2,078 when
+            # each new leaf is made alone, its parent's fsync shared with concurrent puts').
             for sibling in self._fan_out_siblings(directory):
                 try:
                     os.mkdir(sibling)
@@ -101,10 +104,10 @@ class FsBlobStore:
                 _fsync_dir(parent)
 
     def _fan_out_siblings(self, directory: str) -> list[str]:
-        """`directory` first, then (for a fan-out level below the root) every other
-        two-hex-digit name beside it."""
+        """`directory` first, then (for the first fan-out level) every other two-hex-digit
+        name beside it."""
         parent, name = os.path.split(directory)
-        if len(name) != 2 or not (parent == self.root or os.path.dirname(parent) == self.root) \
+        if len(name) != 2 or parent != self.root \
                 or any(c not in "0123456789abcdef" for c in name):
             return [directory]
         return [directory, *(os.path.join(parent, f"{i:02x}") for i in range(256)
