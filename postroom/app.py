@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
+from postroom.analysis import AnalysisPool
 from postroom.config import ConfigError, Settings
 from postroom.service import MailService
 from postroom.store.blobs import BlobStore
@@ -206,10 +207,15 @@ class Postroom:
             max_message_bytes=settings.mail.max_message_bytes,
         )
         self.service.use_search_index(self.search)
+        # Parsing, indexing texts and spam scoring of received mail, in worker processes
+        # (started by the MX listener or the incoming workers, if this node runs either).
+        self.analysis = AnalysisPool()
+        self.service.analysis = self.analysis
         if settings.spam.enabled:
             from postroom.spam.setup import make_spam_filter
 
-            self.service.spam = make_spam_filter(settings, self.metadata, self.blobs)
+            self.service.spam = make_spam_filter(settings, self.metadata, self.blobs,
+                                                 self.analysis)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._opened: list[Any] = []
@@ -224,6 +230,7 @@ class Postroom:
     async def start_workers(self) -> None:
         from postroom.mailflow.incoming import run_incoming_worker
 
+        await self.analysis.start()
         for n in range(max(1, self.settings.mail.workers)):
             self._tasks.append(asyncio.create_task(
                 run_incoming_worker(self.service, self.queue, self._stop),
@@ -254,9 +261,7 @@ class Postroom:
         if self.delivery is not None:
             with contextlib.suppress(Exception):
                 await self.delivery.close()
-        close_spam = getattr(self.service.spam, "close", None)  # its scoring processes
-        if close_spam is not None:
-            close_spam()
+        self.analysis.close()
         while self._opened:
             backend = self._opened.pop()
             try:

@@ -46,9 +46,8 @@ async def start_listeners(
                 node.service, settings, Mode.MX if name == "smtp" else Mode.SUBMISSION,
                 address, implicit_tls=name == "submissions", tls_context=server_context(settings),
             ))
-            start_spam = getattr(node.service.spam, "start", None)  # its scoring processes
-            if name == "smtp" and start_spam is not None:
-                start_spam()
+            if name == "smtp":
+                await node.analysis.start()  # the processes that parse and score its mail
             continue
         raise ConfigError(f"the {name} listener is not available in this version")
     return servers

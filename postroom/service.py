@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from postroom.analysis import AnalysisPool, Prepared, prepare_delivery
 from postroom.core.address import (
     AddressError,
     domain_of,
@@ -82,6 +83,8 @@ from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue
 from postroom.store.search import Criterion, SearchIndex
 
 log = logging.getLogger(__name__)
+
+_PREPARE_CHUNK = 8  # received messages parsed per analysis task (~10 ms of work)
 
 
 class ServiceError(Exception):
@@ -204,14 +207,12 @@ class SendResult:
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """One received message for `deliver_many`: what `deliver` takes, and its parse if the
-    caller made one already."""
+    """One received message for `deliver_many`: what `deliver` takes."""
 
     envelope: Envelope
     raw: bytes
     delivery_key: str | None = None
     folders: Mapping[str, FolderRole] | None = None
-    parsed: ParsedMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +314,7 @@ class MailService:
         self.search_index: SearchIndex | None = None
         self.indexer: Indexer | None = None
         self.spam: SpamHooks | None = None  # set by the app when spam filtering is on
+        self.analysis: AnalysisPool | None = None  # worker processes for parsing, if any
         # Verified (address, password) pairs, keyed by an HMAC under a per-process secret:
         # argon2 costs ~100 ms by design, far too much to pay on every API request.
         self._auth_secret = os.urandom(32)
@@ -1016,7 +1018,7 @@ class MailService:
         """`deliver` each message, with every copy of the batch filed in one metadata
         transaction (one commit instead of one per copy).
 
-        Each message is parsed once (unless its parse comes with it) and its blob stored
+        Each message is parsed once, off the event loop (`_prepare`), and its blob stored
         (fsynced) before the records naming it are committed; caches, the search index and
         events hear of the new records after the commit. If it raises, nothing was filed.
         """
@@ -1037,14 +1039,15 @@ class MailService:
                     seen_users.add(user.user_id)
                     copies.append((i, rcpt, user))
         wanted = sorted({i for i, _, _ in copies})
-        parsed = {i: messages[i].parsed or parse_message(messages[i].raw) for i in wanted}
+        prepared = dict(zip(wanted, await self._prepare([messages[i].raw for i in wanted]),
+                            strict=True))
         stored = await asyncio.gather(*(self.blobs.put(messages[i].raw) for i in wanted))
         digests = dict(zip(wanted, stored, strict=True))
         folders: dict[tuple[str, FolderRole], Folder] = {}
         deliveries: list[Delivery] = []
         now = time.time()
         for i, _, user in copies:
-            m, p = messages[i], parsed[i]
+            m, p = messages[i], prepared[i].parsed
             role = m.folders.get(user.user_id, FolderRole.INBOX) if m.folders \
                 else FolderRole.INBOX
             if (user.user_id, role) not in folders:
@@ -1068,11 +1071,25 @@ class MailService:
         for user_id in dict.fromkeys(record.user_id for _, record in created):
             await self._changed(user_id)
         if created and self.indexer is not None:  # searchable before anyone hears of it
-            await self.indexer.added_many(
-                [(record, messages[i].raw, parsed[i]) for i, record in created])
+            await self.indexer.added_documents(
+                [(record, prepared[i].document) for i, record in created])
         for _, record in created:
             await self._publish(self._new_event(record))
         return [DeliveryResult(delivered[i], tuple(unknown[i])) for i in range(len(messages))]
+
+    async def _prepare(self, raws: list[bytes]) -> list[Prepared]:
+        """Parse received messages and build their search documents: in the analysis
+        processes when there are some, else on a thread, never on the event loop (a batch
+        of them would stall every session for tens of milliseconds). A few messages per
+        task, so the spam scoring of mail arriving meanwhile is not queued behind a batch."""
+        index = self.indexer is not None
+        if self.analysis is None:
+            return await asyncio.to_thread(prepare_delivery, raws, index)
+        out: list[Prepared] = []
+        for start in range(0, len(raws), _PREPARE_CHUNK):
+            out += await self.analysis.run(prepare_delivery,
+                                           raws[start:start + _PREPARE_CHUNK], index)
+        return out
 
     async def _insert_deliveries(
         self, deliveries: list[Delivery]

@@ -8,6 +8,7 @@ then checks: a substring IMAP would find is always in the indexed text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -78,6 +79,20 @@ def build_document(record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> 
         imap_body=body[:MAX_IMAP_TEXT],
         partial=partial,
     )
+
+
+def document_template(raw: bytes, parsed: ParsedMessage) -> IndexDocument:
+    """What of a message's document comes from its bytes alone, the same for every copy
+    (built before the records exist, in a worker process); `for_record` completes it."""
+    return build_document(_NO_RECORD, raw, parsed)
+
+
+def for_record(template: IndexDocument, record: MessageRecord) -> IndexDocument:
+    """A `document_template` completed with the record's own fields: the fields
+    `build_document` takes from the record, so the two always give the same document."""
+    return dataclasses.replace(template, user_id=record.user_id, state=doc_state(record),
+                               blob_hash=record.blob_hash,
+                               has_attachments=record.has_attachments)
 
 
 # Candidate wants a record; the texts never look at it.

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from postroom.core.message import ParsedMessage, parse_message
 from postroom.core.models import MessageRecord
-from postroom.search.document import build_document, doc_state
+from postroom.search.document import build_document, doc_state, for_record
 from postroom.store.blobs import BlobStore
 from postroom.store.search import IndexDocument, SearchIndex
 
@@ -65,6 +65,18 @@ class Indexer:
             await self.index.index(docs)
         except Exception:
             log.exception("indexing %d new messages failed", len(messages))
+
+    async def added_documents(
+        self, documents: Sequence[tuple[MessageRecord, IndexDocument | None]]
+    ) -> None:
+        """`added` for new records whose documents were built from their messages already
+        (`search.document.document_template`, in an analysis process): each completed with
+        its record's own fields, all in one index transaction."""
+        try:
+            await self.index.index([for_record(template, record)
+                                    for record, template in documents if template is not None])
+        except Exception:
+            log.exception("indexing %d new messages failed", len(documents))
 
     async def copied(self, records: Sequence[MessageRecord]) -> None:
         for record in records:

@@ -193,7 +193,7 @@ class SpamFilter:
         self.metadata = metadata
         self.blobs = blobs
         self.classifier = classifier
-        # Content scoring in worker processes (postroom.spam.pool); None: in this process.
+        # Content scoring in the node's analysis processes (postroom.spam.pool); None: here.
         self.scoring = scoring
         self.authenticator = authenticator
         self.resolver = resolver
@@ -258,15 +258,6 @@ class SpamFilter:
             return await self.scoring.score(raw)
         parsed = await asyncio.to_thread(parse_message, raw)
         return self.classifier.score(parsed)
-
-    def start(self) -> None:
-        """Start the content scoring processes (the MX listener is about to take mail)."""
-        if self.scoring is not None:
-            self.scoring.start()
-
-    def close(self) -> None:
-        if self.scoring is not None:
-            self.scoring.close()
 
     async def screen(self, envelope: Envelope, raw: bytes) -> Screening:
         """SMTP-time analysis (MailService.screen_incoming): refuse, or the headers to add

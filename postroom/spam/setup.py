@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from postroom.analysis import AnalysisPool
 from postroom.config import Settings
 from postroom.spam.auth import Authenticator, make_sync_resolver
 from postroom.spam.classifier import ContentClassifier
@@ -23,8 +24,8 @@ def model_path(settings: Settings) -> Path | None:
     return trained if trained.is_file() else None
 
 
-def make_spam_filter(settings: Settings, metadata: MetadataStore,
-                     blobs: BlobStore) -> SpamFilter:
+def make_spam_filter(settings: Settings, metadata: MetadataStore, blobs: BlobStore,
+                     analysis: AnalysisPool | None = None) -> SpamFilter:
     s = settings.spam
     servers, timeout = list(settings.dns.servers), settings.dns.timeout
     model = model_path(settings)
@@ -33,7 +34,7 @@ def make_spam_filter(settings: Settings, metadata: MetadataStore,
         metadata=metadata,
         blobs=blobs,
         classifier=classifier,
-        scoring=ScoringPool(classifier, model),
+        scoring=ScoringPool(analysis, model) if analysis is not None else None,
         authenticator=Authenticator(make_sync_resolver(servers, timeout))
         if s.check_auth else None,
         resolver=make_async_resolver(servers, timeout) if s.dnsbl else None,
