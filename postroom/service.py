@@ -1118,12 +1118,15 @@ class MailService:
             log.exception("spam screening at SMTP time failed")
             return Screening()
 
-    async def sender_refused(self, mail_from: str, client_ip: str, rcpt: str) -> bool:
-        """Is this sender banned, service-wide or by the recipient? (checked at RCPT)"""
+    async def sender_refused(self, mail_from: str, client_ip: str, rcpt: str,
+                             recipient: User | None = None) -> bool:
+        """Is this sender banned, service-wide or by the recipient? (checked at RCPT;
+        `recipient` is whom rcpt resolves to, when the caller looked it up already)"""
         if self.spam is None:
             return False
-        return await self.spam.sender_refused(mail_from, client_ip,
-                                              await self.resolve_recipient(rcpt))
+        if recipient is None:
+            recipient = await self.resolve_recipient(rcpt)
+        return await self.spam.sender_refused(mail_from, client_ip, recipient)
 
     async def enqueue_incoming(self, envelope: Envelope, raw: bytes,
                                screening: dict[str, Any] | None = None) -> str:

@@ -352,11 +352,12 @@ class SmtpSession:
             raise CommandError(452, "4.5.3", "Too many recipients")
         local = await self.service.is_local_domain(domain_of(rcpt))
         if local:
-            if await self.service.resolve_recipient(rcpt) is None:
+            recipient = await self.service.resolve_recipient(rcpt)
+            if recipient is None:
                 raise CommandError(550, "5.1.1", f"<{address}>: Recipient address rejected: "
                                                  "User unknown")
             if self.user is None and await self.service.sender_refused(
-                    tx.mail_from, self.client_ip, rcpt):
+                    tx.mail_from, self.client_ip, rcpt, recipient):
                 raise CommandError(550, "5.7.1", f"<{address}>: Sender refused by policy")
         elif self.user is None:  # RFC 5321 §3.6.2: only authenticated clients may relay
             raise CommandError(550, "5.7.1", f"<{address}>: Relay access denied")

@@ -212,15 +212,26 @@ class SpamFilter:
 
     async def analyse(self, envelope: Envelope, raw: bytes) -> Analysis:
         s = self.settings
-        auth: AuthResults | None = None
         remote = bool(envelope.client_ip) and not self._trusted_client(envelope.client_ip)
-        if s.check_auth and self.authenticator is not None and remote:
-            auth = await asyncio.to_thread(self.authenticator.check, raw, envelope.client_ip,
-                                           envelope.mail_from, envelope.helo)
-        zones: list[str] = []
-        if s.dnsbl_zones and self.resolver is not None and remote:
-            zones = await listed_in(self.resolver, envelope.client_ip, list(s.dnsbl_zones))
-        content = await self._content_score(raw)
+
+        async def sender_checks() -> tuple[AuthResults | None, list[str], list[str], float]:
+            auth: AuthResults | None = None
+            if s.check_auth and self.authenticator is not None and remote:
+                auth = await asyncio.to_thread(self.authenticator.check, raw,
+                                               envelope.client_ip, envelope.mail_from,
+                                               envelope.helo)
+            zones: list[str] = []
+            if s.dnsbl_zones and self.resolver is not None and remote:
+                zones = await listed_in(self.resolver, envelope.client_ip,
+                                        list(s.dnsbl_zones))
+            from_domain = auth.from_domain if auth else ""
+            subjects = sender_subjects(envelope.mail_from, envelope.client_ip, auth,
+                                       from_domain)
+            return auth, zones, subjects, await self.reputation(subjects)
+
+        # The content is scored (in another process) while DNS and the store answer.
+        content, (auth, zones, subjects, reputation) = await asyncio.gather(
+            self._content_score(raw), sender_checks())
         reasons: list[str] = []
         score = max(-15.0, min(15.0, content.logit))
         reasons.append(f"CONTENT={content.logit:+.1f}")
@@ -234,9 +245,6 @@ class SpamFilter:
         for zone in zones:
             score += DNSBL_WEIGHT
             reasons.append(f"DNSBL({zone})={DNSBL_WEIGHT:+.1f}")
-        from_domain = auth.from_domain if auth else ""
-        subjects = sender_subjects(envelope.mail_from, envelope.client_ip, auth, from_domain)
-        reputation = await self.reputation(subjects)
         if reputation:
             score += reputation
             reasons.append(f"REPUTATION={reputation:+.1f}")
