@@ -263,6 +263,9 @@ _VERBATIM = _POLICY.clone(refold_source="none", cte_type="8bit", linesep="\r\n")
 
 def _parse(raw: bytes, *, headers_only: bool = False) -> Message:
     if not headers_only:
+        simple = _parse_single_part(raw)
+        if simple is not None:
+            return simple
         try:
             return BytesParser(policy=_POLICY).parsebytes(raw)
         except Exception:  # e.g. RecursionError on absurd nesting: keep at least the headers
@@ -271,6 +274,25 @@ def _parse(raw: bytes, *, headers_only: bool = False) -> Message:
         return BytesParser(policy=_POLICY).parsebytes(raw, headersonly=True)
     except Exception:
         return Message(policy=_POLICY)
+
+
+def _parse_single_part(raw: bytes) -> Message | None:
+    """The parse of a message that is not multipart (nor message/*), without handing its body
+    to the feed parser line by line (0.2 ms for 50 KB): the header block is parsed alone and
+    the rest set as the payload, which is what the feed parser makes of such a body. None
+    when the message is not that simple, or its header block does not end where the first
+    CRLF CRLF is (a malformed line before it, bare LFs): then the full parse decides."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    try:
+        msg = BytesParser(policy=_POLICY).parsebytes(raw[:end + 4], headersonly=True)
+        if msg.get_payload() != "" or msg.get_content_maintype() in ("multipart", "message"):
+            return None
+    except Exception:
+        return None
+    msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
+    return msg
 
 
 # --- reading headers -------------------------------------------------------------------------
