@@ -45,3 +45,23 @@ def test_url_hosts_match_the_regex() -> None:
                 for _ in range(20_000)]
     for text in samples:
         assert _url_hosts(text) == [m.group(1) for m in _URL.finditer(text)], text
+
+
+def test_words_as_the_loop_counted_them() -> None:
+    from postroom.spam.features import _words
+
+    rng = random.Random(11)
+    pieces = ["word", "12", "123456789", "é", "$", "!!", "_", " ", "\n", "ab_cd", "x" * 30]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        for prefix, limit in (("", 3000), ("s:", 5)):
+            fast: set[str] = set()
+            slow: set[str] = set()
+            count = 0
+            for match in re.finditer(r"[^\W_]{2,24}|[$€£!]+", text):
+                word = match.group()
+                slow.add(prefix + ("#" * min(len(word), 6) if word.isdigit() else word))
+                count += 1
+                if count >= limit:
+                    break
+            assert _words(text, prefix, fast, limit) == count and fast == slow, text
