@@ -78,13 +78,17 @@ def api(server: ServerProcess, user: str, password: str) -> httpx.Client:
 
 
 def find(server: ServerProcess, user: str, password: str, subject: str) -> dict[str, object]:
-    """The message with this subject in any of the user's folders, with its folder's role."""
+    """The message with this subject in any of the user's folders, with its folder's role
+    (waiting a little: SMTP's 250 means queued, the worker files it a moment later)."""
     with api(server, user, password) as c:
-        for folder in c.get("/v1/folders").json()["folders"]:
-            page = c.get(f"/v1/folders/{folder['id']}/messages", params={"limit": 200}).json()
-            for m in page["messages"]:
-                if m["subject"] == subject:
-                    return {**m, "role": folder["role"]}
+        for _ in range(100):
+            for folder in c.get("/v1/folders").json()["folders"]:
+                page = c.get(f"/v1/folders/{folder['id']}/messages",
+                             params={"limit": 200}).json()
+                for m in page["messages"]:
+                    if m["subject"] == subject:
+                        return {**m, "role": folder["role"]}
+            time.sleep(0.1)
     raise AssertionError(f"no message {subject!r}")
 
 
