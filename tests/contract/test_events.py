@@ -233,7 +233,7 @@ async def test_redis_lost_connection_ends_subscriptions() -> None:
         clients = await admin.client_list(_type="pubsub")
         ids = [c["id"] for c in clients if c.get("name") == node_b.subscriber_name]
         assert len(ids) == 1
-        await admin.execute_command("CLIENT", "KILL", "ID", ids[0])
+        await admin.execute_command("CLIENT", "KILL", "ID", ids[0])  # type: ignore[no-untyped-call]
         assert await pending == []  # ended: the subscriber must resynchronise
         assert subscription.interrupted and subscription.overflowed
         again = Reader(await node_b.subscribe("alice"))  # and the bus works again

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, expect, sync_playwright
 
 from tests.e2e.server import ServerProcess
 from tests.e2e.webmail_helpers import Guarded, deliver, launch
@@ -208,7 +208,11 @@ def test_hostile_html_renders_inert(server: ServerProcess, browser: Browser) -> 
     dialogs: list[str] = []
     try:
         page = alice.sign_in(ALICE, ALICE_PW)
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        def on_dialog(dialog: Dialog) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
         page.evaluate("""() => { window.__messages = [];
             window.addEventListener('message', (e) => window.__messages.push(String(e.data))); }""")
         if found["role"] != "inbox":  # the spam filter may well think so
