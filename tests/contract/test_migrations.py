@@ -319,6 +319,7 @@ async def test_upgrade_populated_first_release_database(engine: Engine) -> None:
         rows = await engine.fetch("SELECT version FROM schema_migrations ORDER BY version")
         assert [r[0] for r in rows] == list(range(1, LATEST + 1))
         assert "messages_by_modseq" in await engine.indexes()
+        assert "messages_by_thread" in await engine.indexes()
         # first-release nodes still running in a rolling upgrade keep accepting this schema
         assert await engine.fetch("SELECT version FROM schema_version") == [(1,)]
 

@@ -295,9 +295,20 @@ CREATE INDEX IF NOT EXISTS vanished_by_modseq ON vanished (user_id, folder_id, m
 _POSTGRES_4 = _SQLITE_4.replace("INTEGER", "BIGINT")
 
 
+# ---- 5: a conversation's messages ------------------------------------------------------------
+# The webmail's conversation view and the API's thread listing ask for one thread of a user;
+# without this index each such question reads all of the user's messages. Expand only.
+
+_SQLITE_5 = """
+CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (user_id, thread_id);
+"""
+_POSTGRES_5 = _SQLITE_5
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "initial schema", _SQLITE_1, _POSTGRES_1, oldest_compatible=1),
     Step(2, "messages by modseq", _SQLITE_2, _POSTGRES_2),
     Step(3, "spam filtering", _SQLITE_3, _POSTGRES_3),
     Step(4, "expunge log", _SQLITE_4, _POSTGRES_4),
+    Step(5, "messages by thread", _SQLITE_5, _POSTGRES_5),
 )
