@@ -238,6 +238,16 @@ class Postroom:
             ))
         from postroom.mailflow.outgoing import OutboundDelivery, run_delivery_worker
 
+        storage = self.settings.storage
+        if storage.blob_collect_interval > 0:
+            from postroom.blob_collector import run_blob_collector
+
+            self._tasks.append(asyncio.create_task(
+                run_blob_collector(self.metadata, self.blobs, self.queue, self._stop,
+                                   interval=storage.blob_collect_interval,
+                                   grace=storage.blob_grace),
+                name="blob-collector",
+            ))
         self.delivery = OutboundDelivery(self.service, self.queue, self.settings)
         for n in range(self.settings.delivery.workers):
             self._tasks.append(asyncio.create_task(

@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only show the schema version and the steps still to apply")
     migrate.add_argument("--to", type=int, metavar="VERSION",
                          help="apply the steps up to VERSION only")
+    blobs = sub.add_parser("blobs", help="stored message bytes")
+    bsub = blobs.add_subparsers(dest="action", required=True)
+    bcollect = bsub.add_parser("collect", help="delete blobs no message or queue item refers to"
+                               " (the server does this every [storage] blob_collect_interval)")
+    bcollect.add_argument("--grace", type=float, metavar="SECONDS",
+                          help="only blobs released this long ago ([storage] blob_grace)")
+    bcollect.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
+                          help="wait between quarantine and the final check (default 10)")
     from postroom.spam.cli import add_parser as add_spam_parser
 
     add_spam_parser(sub)
@@ -219,6 +227,22 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
         from postroom.mailflow.dns_records import records_for
 
         print(records_for(args.domain, node.settings))
+    elif cmd == "blobs":
+        from postroom.blob_collector import collect_blobs
+
+        grace = node.settings.storage.blob_grace if args.grace is None else args.grace
+        total = 0
+        while True:
+            report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=grace,
+                                         settle=args.settle)
+            total += report.collected
+            print(f"examined {report.examined}: deleted {report.collected}, referenced again "
+                  f"{report.referenced}, queued {report.queued}, put lately {report.recent}, "
+                  f"already gone {report.missing}")
+            if not (report.collected + report.referenced + report.missing) or \
+                    report.examined < 1000:
+                break
+        print(f"{total} blob(s) deleted")
     return 0
 
 

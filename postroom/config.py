@@ -52,6 +52,10 @@ class StorageSettings(BaseModel):
     queue: str = "sqlite:///{data_dir}/queue.db"
     cache: str = "memory://?max_entries=10000"
     events: str = "local://"
+    # Blob collection (postroom/blob_collector.py): every `blob_collect_interval` seconds (0:
+    # never), blobs whose last reference went more than `blob_grace` seconds ago are deleted.
+    blob_collect_interval: float = Field(default=3600.0, ge=0)
+    blob_grace: float = Field(default=3600.0, ge=0)
 
 
 class HttpSettings(BaseModel):

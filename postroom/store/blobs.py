@@ -37,3 +37,19 @@ class BlobStore(Protocol):
     async def delete(self, digest: str) -> None:
         """Remove the blob; absent blobs are not an error."""
         ...
+
+    # Collection (postroom/blob_collector.py). A put of bytes already stored refreshes the
+    # blob's put time, so the collector can tell a blob someone is about to refer to again.
+    # Quarantine moves a blob aside: a later put stores it afresh and a get brings it back,
+    # so a reference that races the collector still finds its bytes.
+    async def quarantine(self, digest: str, untouched_for: float) -> bool:
+        """Move the blob aside if it was not put in the last `untouched_for` seconds; True
+        if it is now in quarantine."""
+        ...
+    async def restore(self, digest: str) -> None:
+        """Bring a quarantined blob back (dropping the quarantined copy if the blob was put
+        again meanwhile)."""
+        ...
+    async def purge(self, digest: str) -> None:
+        """Delete the quarantined copy; absent is not an error."""
+        ...

@@ -5,6 +5,10 @@ crash-safe: the bytes go to a temporary file in the final directory, are fsynced
 place with `os.replace` (atomic on POSIX) and the directory is fsynced so the new name survives
 a power cut too. A reader therefore sees either nothing or the complete blob, never a torn one,
 and concurrent puts of the same bytes simply replace one complete file with an identical one.
+
+The blob collector moves a blob it means to delete to `root/quarantine/<sha256hex>` first; a put
+of the same bytes meanwhile stores it afresh, and a get brings the quarantined copy back. A put
+of bytes already stored touches the file, so its mtime is the last put.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 
 from postroom.store.blobs import blob_hash
 from postroom.store.errors import NotFound
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
+_QUARANTINE = "quarantine"  # blobs the collector moved aside (not a two-hex fan-out name)
 
 
 def _check_digest(digest: str) -> str:
@@ -59,10 +65,18 @@ class FsBlobStore:
         await asyncio.to_thread(self._write, digest, bytes(data))
         return digest
 
+    def quarantine_path_of(self, digest: str) -> str:
+        _check_digest(digest)
+        return os.path.join(self.root, _QUARANTINE, digest)
+
     async def get(self, digest: str) -> bytes:
         path = self.path_of(digest)
         try:
             return await asyncio.to_thread(self._read, path)
+        except FileNotFoundError:
+            pass
+        try:  # the collector moved it aside while someone came to refer to it: bring it back
+            return await asyncio.to_thread(self._read_quarantined, digest)
         except FileNotFoundError:
             raise NotFound(f"blob {digest}") from None
 
@@ -73,7 +87,52 @@ class FsBlobStore:
         path = self.path_of(digest)
         await asyncio.to_thread(self._unlink, path)
 
+    async def quarantine(self, digest: str, untouched_for: float) -> bool:
+        return await asyncio.to_thread(self._quarantine, digest, untouched_for)
+
+    async def restore(self, digest: str) -> None:
+        await asyncio.to_thread(self._restore, digest)
+
+    async def purge(self, digest: str) -> None:
+        await asyncio.to_thread(self._unlink, self.quarantine_path_of(digest))
+
     # Blocking parts, run in a worker thread.
+
+    def _quarantine(self, digest: str, untouched_for: float) -> bool:
+        path = self.path_of(digest)
+        try:
+            if time.time() - os.stat(path).st_mtime < untouched_for:
+                return False  # put again lately: someone is about to refer to it
+        except FileNotFoundError:
+            return False
+        self._make_dirs(os.path.join(self.root, _QUARANTINE))
+        try:
+            os.rename(path, self.quarantine_path_of(digest))
+        except FileNotFoundError:
+            return False  # another collector took it first
+        _fsync_dir(os.path.dirname(path))
+        _fsync_dir(os.path.join(self.root, _QUARANTINE))
+        return True
+
+    def _restore(self, digest: str) -> None:
+        held = self.quarantine_path_of(digest)
+        final = self.path_of(digest)
+        if os.path.isfile(final):  # stored afresh meanwhile: the same bytes
+            self._unlink(held)
+            return
+        self._make_dirs(os.path.dirname(final))
+        try:
+            os.rename(held, final)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(final))
+        _fsync_dir(os.path.dirname(held))
+
+    def _read_quarantined(self, digest: str) -> bytes:
+        data = self._read(self.quarantine_path_of(digest))
+        if blob_hash(data) == digest:
+            self._restore(digest)
+        return data
 
     def _make_dirs(self, path: str) -> None:
         """Create `path` and any missing parents, fsyncing each parent that gained an entry."""
@@ -116,7 +175,11 @@ class FsBlobStore:
     def _write(self, digest: str, data: bytes) -> None:
         final = self.path_of(digest)
         if os.path.isfile(final):
-            return  # content-addressed: the same name always holds the same bytes
+            # Content-addressed: the same name always holds the same bytes. The new put time
+            # keeps the blob collector off it while the caller files its reference.
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(final)
+                return
         directory = os.path.dirname(final)
         self._make_dirs(directory)
         fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)

@@ -208,6 +208,14 @@ class MetadataStore(Protocol):
 
     # blob references: a blob is collected only when no record refers to it
     async def blob_refcount(self, blob_hash: str) -> int: ...
+    async def released_blobs(self, before: float, limit: int = 1000) -> list[str]:
+        """Blobs that lost their last reference (SQLite) or a reference (PostgreSQL) before
+        `before` (unix time), oldest first: the blob collector's candidates, each to be
+        checked again with `blob_refcount`."""
+        ...
+    async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        """Drop candidates the collector has dealt with (collected, or found referenced)."""
+        ...
 
     # spam filtering: sender reputation (service-wide), block/allow lists, contacts, each
     # user's own classifier weights, and the outbound sending log behind the per-user limits

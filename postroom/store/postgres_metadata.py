@@ -411,6 +411,18 @@ async def _log_vanished(
         )
 
 
+async def _note_released(conn: Connection, blob_hashes: Sequence[str]) -> None:
+    """Blobs that lost a reference become the collector's candidates (it counts the rows
+    naming each before it deletes anything)."""
+    if blob_hashes:
+        await conn.execute(
+            "INSERT INTO blob_released (blob_hash, released_at)"
+            " SELECT h, extract(epoch FROM clock_timestamp()) FROM unnest($1::text[]) AS h"
+            " ON CONFLICT (blob_hash) DO UPDATE SET released_at = excluded.released_at",
+            sorted(set(blob_hashes)),
+        )
+
+
 async def _delete_records(conn: Connection, records: Sequence[MessageRecord]) -> list[Expunged]:
     """Remove records (already known to be the user's); one modseq bump per source folder.
 
@@ -427,6 +439,7 @@ async def _delete_records(conn: Connection, records: Sequence[MessageRecord]) ->
     )
     await _log_vanished(conn, user_id, [(r.folder_id, r.uid, modseqs[r.folder_id])
                                         for r in records])
+    await _note_released(conn, [r.blob_hash for r in records])
     return [
         Expunged(r.folder_id, r.uid, r.message_id, r.blob_hash, modseqs[r.folder_id])
         for r in records
@@ -674,7 +687,9 @@ class PostgresMetadataStore:
                 "DELETE FROM user_addresses WHERE address = $1 AND user_id = $2", address, user_id
             )
             await conn.execute("DELETE FROM users WHERE user_id = $1", user_id)
-            return sorted({str(r[0]) for r in hashes})
+            released = sorted({str(r[0]) for r in hashes})
+            await _note_released(conn, released)
+            return released
 
         return await self._write(tx)
 
@@ -1204,6 +1219,22 @@ class PostgresMetadataStore:
             )
 
         return await self._read(tx)
+
+    async def released_blobs(self, before: float, limit: int = 1000) -> list[str]:
+        async def tx(conn: Connection) -> list[str]:
+            rows = await conn.fetch(
+                "SELECT blob_hash FROM blob_released WHERE released_at < $1"
+                " ORDER BY released_at LIMIT $2", before, max(limit, 0))
+            return [str(r[0]) for r in rows]
+
+        return await self._read(tx)
+
+    async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        async def tx(conn: Connection) -> None:
+            await conn.execute("DELETE FROM blob_released WHERE blob_hash = ANY($1::text[])",
+                               list(blob_hashes))
+
+        await self._write(tx)
 
     # -- spam filtering (spam.py's rows; reputation is service-wide, the rest keyed by user)
 

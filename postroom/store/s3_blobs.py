@@ -1,7 +1,12 @@
 """Blobs on S3-compatible object storage (`s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME`).
 
 Content-addressed as on disk: the object key is `PREFIX` + the sha256 hex digest, so a message
-sent to many recipients is stored once, and a put of bytes already stored is only a HEAD.
+sent to many recipients is stored once, and a put of bytes already stored is only a HEAD (or,
+once the object is older than a minute, a fresh upload: its Last-Modified is then the last put,
+which keeps the blob collector off a blob that is being referred to again).
+
+Collection: the collector copies a blob it means to delete to `PREFIX` + `quarantine/` + digest
+and deletes the original; a put meanwhile stores it afresh and a get brings the copy back.
 
 Durability: `put` sends the bytes with their SHA-256 as `x-amz-checksum-sha256`, so the store
 verifies them against the very digest that names them and refuses a torn or altered upload; it
@@ -18,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import re
+import time
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -31,6 +38,8 @@ from postroom.store.blobs import blob_hash, check_digest
 from postroom.store.errors import NotFound, StoreError
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_QUARANTINE = "quarantine/"  # blobs the collector moved aside
+_REFRESH_AFTER = 60.0  # seconds: a put of an older object uploads it again (a new put time)
 # S3 bucket naming rules (the common subset every implementation accepts).
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -146,7 +155,8 @@ class S3BlobStore:
         data = bytes(data)
         digest = blob_hash(data)
         key = self.key_of(digest)
-        if await self._exists(key):
+        head = await self._head(key)
+        if head is not None and _age(head) < _REFRESH_AFTER:
             return digest  # content-addressed: the key always holds these very bytes
         checksum = base64.b64encode(bytes.fromhex(digest)).decode()
         try:
@@ -158,7 +168,46 @@ class S3BlobStore:
         return digest
 
     async def get(self, digest: str) -> bytes:
+        try:
+            return await self._get(self.key_of(digest), digest)
+        except NotFound:
+            pass
+        # the collector moved it aside while someone came to refer to it: bring it back
+        data = await self._get(self.quarantine_key_of(digest), digest)
+        await self.restore(digest)
+        return data
+
+    def quarantine_key_of(self, digest: str) -> str:
+        return self.prefix + _QUARANTINE + check_digest(digest)
+
+    async def quarantine(self, digest: str, untouched_for: float) -> bool:
         key = self.key_of(digest)
+        head = await self._head(key)
+        if head is None or _age(head) < untouched_for:
+            return False
+        await self._copy(key, self.quarantine_key_of(digest))
+        await self._delete(key)
+        return True
+
+    async def restore(self, digest: str) -> None:
+        held = self.quarantine_key_of(digest)
+        if not await self._exists(self.key_of(digest)):
+            if not await self._exists(held):
+                return
+            await self._copy(held, self.key_of(digest))
+        await self._delete(held)
+
+    async def purge(self, digest: str) -> None:
+        await self._delete(self.quarantine_key_of(digest))
+
+    async def _copy(self, source: str, target: str) -> None:
+        try:
+            await self._s3().copy_object(Bucket=self.bucket, Key=target,
+                                         CopySource={"Bucket": self.bucket, "Key": source})
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 copy {source} -> {target}: {exc}") from exc
+
+    async def _get(self, key: str, digest: str) -> bytes:
         try:
             response = await self._s3().get_object(Bucket=self.bucket, Key=key)
             async with response["Body"] as body:
@@ -177,15 +226,17 @@ class S3BlobStore:
         return await self._exists(self.key_of(digest))
 
     async def delete(self, digest: str) -> None:
-        key = self.key_of(digest)
+        await self._delete(self.key_of(digest))
+
+    async def _delete(self, key: str) -> None:
         try:
             await self._s3().delete_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 return
-            raise StoreError(f"S3 delete {digest}: {exc}") from exc
+            raise StoreError(f"S3 delete {key}: {exc}") from exc
         except BotoCoreError as exc:
-            raise StoreError(f"S3 delete {digest}: {exc}") from exc
+            raise StoreError(f"S3 delete {key}: {exc}") from exc
 
     # Helpers
 
@@ -195,12 +246,23 @@ class S3BlobStore:
         return self._client
 
     async def _exists(self, key: str) -> bool:
+        return await self._head(key) is not None
+
+    async def _head(self, key: str) -> dict[str, Any] | None:
         try:
-            await self._s3().head_object(Bucket=self.bucket, Key=key)
+            head: dict[str, Any] = await self._s3().head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
-                return False
+                return None
             raise StoreError(f"S3 head {key}: {exc}") from exc
         except BotoCoreError as exc:
             raise StoreError(f"S3 head {key}: {exc}") from exc
-        return True
+        return head
+
+
+def _age(head: dict[str, Any]) -> float:
+    """Seconds since the object was last written (0 when the store does not say)."""
+    modified = head.get("LastModified")
+    if not isinstance(modified, datetime.datetime):
+        return 0.0
+    return time.time() - modified.timestamp()

@@ -270,10 +270,16 @@ def _release_blob_refs(conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
         "UPDATE blob_refs SET refcount = refcount - ? WHERE blob_hash = ?",
         [(n, h) for h, n in counts],
     )
-    # no row means no reference: the blob collector may take it
+    # no row means no reference: the blob collector may take it (blob_released says since when)
+    gone = [(h,) for h, _ in counts]
+    now = time.time()
     conn.executemany(
-        "DELETE FROM blob_refs WHERE blob_hash = ? AND refcount <= 0", [(h,) for h, _ in counts]
+        "INSERT INTO blob_released (blob_hash, released_at)"
+        " SELECT blob_hash, ? FROM blob_refs WHERE blob_hash = ? AND refcount <= 0"
+        " ON CONFLICT (blob_hash) DO UPDATE SET released_at = excluded.released_at",
+        [(now, h) for h, _ in counts],
     )
+    conn.executemany("DELETE FROM blob_refs WHERE blob_hash = ? AND refcount <= 0", gone)
 
 
 def _insert_record(conn: sqlite3.Connection, rec: MessageRecord) -> None:
@@ -1253,6 +1259,22 @@ class SqliteMetadataStore:
             return int(row[0]) if row is not None else 0
 
         return await self._read(tx)
+
+    async def released_blobs(self, before: float, limit: int = 1000) -> list[str]:
+        def tx(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT blob_hash FROM blob_released WHERE released_at < ?"
+                " ORDER BY released_at LIMIT ?", (before, max(limit, 0)))
+            return [str(r[0]) for r in rows]
+
+        return await self._read(tx)
+
+    async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM blob_released WHERE blob_hash = ?",
+                             [(h,) for h in blob_hashes])
+
+        await self._write(tx)
 
     # -- spam filtering
 

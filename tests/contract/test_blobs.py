@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -185,3 +186,63 @@ async def test_fs_layout(tmp_path: Path) -> None:
     digest = await store.put(b"layout")
     assert (tmp_path / "b" / digest[:2] / digest[2:4] / digest).read_bytes() == b"layout"
     await store.close()
+
+
+async def test_quarantine_then_purge(make_store: MakeStore) -> None:
+    store = await make_store()
+    data = b"From: a@example.org\r\n\r\nto be collected\r\n"
+    digest = await store.put(data)
+    assert not await store.quarantine(digest, untouched_for=3600)  # put just now: kept
+    assert await store.exists(digest)
+    assert await store.quarantine(digest, untouched_for=0)
+    assert not await store.exists(digest)
+    assert not await store.quarantine(digest, untouched_for=0)  # nothing left to move
+    await store.purge(digest)
+    await store.purge(digest)  # twice is no error
+    with pytest.raises(NotFound):
+        await store.get(digest)
+    await store.restore(digest)  # nothing to restore: no error, nothing appears
+    assert not await store.exists(digest)
+    if isinstance(store, FsBlobStore):
+        assert _files(store) == []
+
+
+async def test_quarantined_blob_comes_back(make_store: MakeStore) -> None:
+    """A reference racing the collector keeps its bytes: a get restores the quarantined
+    copy, a put stores the blob afresh, and restore brings it back in place."""
+    store = await make_store()
+    first, second, third = b"one\r\n", b"two\r\n", b"three\r\n"
+    d1, d2, d3 = [await store.put(d) for d in (first, second, third)]
+    for digest in (d1, d2, d3):
+        assert await store.quarantine(digest, untouched_for=0)
+
+    assert await store.get(d1) == first  # a reader brings it back
+    assert await store.exists(d1)
+    await store.purge(d1)  # the collector's late purge finds nothing to delete
+    assert await (await make_store()).get(d1) == first
+
+    assert await store.put(second) == d2  # stored afresh while quarantined
+    await store.restore(d2)  # the collector saw the new reference: the held copy goes
+    assert await store.get(d2) == second
+    if isinstance(store, FsBlobStore):
+        assert store.quarantine_path_of(d2) not in _files(store)
+
+    await store.restore(d3)
+    assert await store.get(d3) == third
+    await store.purge(d3)  # nothing quarantined any more
+    assert await store.get(d3) == third
+
+
+async def test_put_of_stored_bytes_refreshes_the_put_time(tmp_path: Path) -> None:
+    """(On S3 the put time is the object's Last-Modified, set by the server.)"""
+    store = FsBlobStore(str(tmp_path / "blobs"))
+    await store.open()
+    data = b"refreshed\r\n"
+    digest = await store.put(data)
+    old = time.time() - 7200
+    os.utime(store.path_of(digest), (old, old))
+    assert await store.put(data) == digest
+    assert time.time() - os.stat(store.path_of(digest)).st_mtime < 60
+    assert not await store.quarantine(digest, untouched_for=3600)
+    os.utime(store.path_of(digest), (old, old))
+    assert await store.quarantine(digest, untouched_for=3600)

@@ -304,6 +304,20 @@ CREATE INDEX IF NOT EXISTS messages_by_thread ON messages (user_id, thread_id);
 """
 _POSTGRES_5 = _SQLITE_5
 
+# ---- 6: blobs that lost their last reference, for the blob collector -------------------------
+# A row per blob whose references went to zero (SQLite) or that lost one (PostgreSQL, where the
+# count is the rows naming it), with when; the collector (postroom/blob_collector.py) takes the
+# old ones, checks again that nothing refers to them, and deletes the bytes. Expand only.
+
+_SQLITE_6 = """
+CREATE TABLE IF NOT EXISTS blob_released (
+    blob_hash TEXT PRIMARY KEY,
+    released_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blob_released_by_time ON blob_released (released_at);
+"""
+_POSTGRES_6 = _SQLITE_6.replace("REAL", "DOUBLE PRECISION")
+
 
 STEPS: tuple[Step, ...] = (
     Step(1, "initial schema", _SQLITE_1, _POSTGRES_1, oldest_compatible=1),
@@ -311,4 +325,5 @@ STEPS: tuple[Step, ...] = (
     Step(3, "spam filtering", _SQLITE_3, _POSTGRES_3),
     Step(4, "expunge log", _SQLITE_4, _POSTGRES_4),
     Step(5, "messages by thread", _SQLITE_5, _POSTGRES_5),
+    Step(6, "released blobs", _SQLITE_6, _POSTGRES_6),
 )
