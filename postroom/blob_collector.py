@@ -24,21 +24,26 @@ apart). Every way out of doubt keeps the bytes: a blob is only lost if nothing r
 Two nodes collecting at once can at worst restore each other's quarantined blob (kept, to be
 collected when released again), never delete a referenced one.
 
-Not collected: a blob that never had a message row (incoming mail refused by a pipeline step,
-outgoing mail sent without a Sent copy); those need a scan of the whole store, not done yet.
+Bytes that never reach a mailbox are noted when their queue item is done
+(`release_queue_blobs`: incoming mail refused by a pipeline step, outgoing mail sent or bounced,
+a queue item deleted by the operator) and checked the same way, so a blob that still has a
+Sent copy stays. Not collected: bytes of a node that died between its put and its queue item
+(no 250 was given for them); finding those needs a scan of the whole store against the rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from postroom.store.blobs import BlobStore
 from postroom.store.metadata import MetadataStore
-from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue
+from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue, QueueItem
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,28 @@ async def queued_blobs(queue: Queue) -> set[str]:
         for item in await queue.list(topic, limit=size + 1000):
             found.update(m.decode() for m in _DIGEST.findall(bytes(item.payload)))
     return found
+
+
+def blob_of(item: QueueItem) -> str | None:
+    """The blob a queue item's payload names (incoming and outgoing payloads say `blob`)."""
+    try:
+        blob = json.loads(item.payload).get("blob")
+    except (ValueError, AttributeError):
+        return None
+    return blob if isinstance(blob, str) else None
+
+
+async def release_queue_blobs(metadata: MetadataStore, items: Sequence[QueueItem]) -> None:
+    """Finished queue items no longer hold their blobs: make those candidates (a blob that
+    never reached a mailbox is collected this way). A failure only leaves the bytes stored:
+    logged, never raised."""
+    blobs = [b for b in map(blob_of, items) if b]
+    try:
+        if blobs:
+            await metadata.note_released_blobs(blobs)
+    except Exception:
+        log.warning("noting %d released blob(s) failed; they stay stored", len(blobs),
+                    exc_info=True)
 
 
 async def collect_blobs(metadata: MetadataStore, blobs: BlobStore, queue: Queue, *,

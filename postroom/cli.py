@@ -293,6 +293,9 @@ async def manage_queue(args: argparse.Namespace, node: Postroom) -> int:
         elif args.action == "delete":
             if not await queue.remove(item.topic, item.item_id):
                 raise ServiceError(f"no queued item {item.item_id}")
+            from postroom.blob_collector import release_queue_blobs
+
+            await release_queue_blobs(node.metadata, [item])
             print(f"{item.item_id}: deleted")
     if args.action == "retry" and args.all:
         print(f"{len(items)} item(s) due now")

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from postroom.blob_collector import release_queue_blobs
 from postroom.core.models import Envelope, FolderRole
 from postroom.service import DeliveryResult, Inbound, MailService
 from postroom.store.queue import INCOMING, Queue, QueueItem
@@ -216,6 +217,9 @@ async def handle_batch(
     await queue.ack_many([item for item in items
                           if outcome[item.item_id] is None
                           or isinstance(outcome[item.item_id], Rejected)])
+    refused = [item for item in items if isinstance(outcome[item.item_id], Rejected)]
+    if refused:  # their bytes reached no mailbox: the blob collector may take them
+        await release_queue_blobs(pipeline.service.metadata, refused)
     for item in items:
         error = outcome[item.item_id]
         if error is not None and not isinstance(error, Rejected):

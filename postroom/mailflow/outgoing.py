@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from postroom.blob_collector import release_queue_blobs
 from postroom.config import DeliverySettings, Settings, parse_hostport
 from postroom.mailflow.dkim import DkimKeys, DkimSigner
 from postroom.mailflow.dsn import RecipientStatus, build_dsn
@@ -275,6 +276,8 @@ class OutboundDelivery:
             await self._bounce(message, newly_failed, raw, now)
         if not message.pending:
             await self.queue.ack(item)
+            # the collector keeps the bytes while the Sent copy names them
+            await release_queue_blobs(self.service.metadata, [item])
             return
         deferred = [r for r in results if r.outcome == DEFERRED]
         for r in deferred:

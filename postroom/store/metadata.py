@@ -213,6 +213,11 @@ class MetadataStore(Protocol):
         `before` (unix time), oldest first: the blob collector's candidates, each to be
         checked again with `blob_refcount`."""
         ...
+    async def note_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        """Make blobs candidates now although no message row released them: the bytes of a
+        queue item that is done without reaching a mailbox (refused incoming mail, sent mail
+        without a Sent copy, a deleted queue item). The collector checks them like any other."""
+        ...
     async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
         """Drop candidates the collector has dealt with (collected, or found referenced)."""
         ...

@@ -1229,6 +1229,12 @@ class PostgresMetadataStore:
 
         return await self._read(tx)
 
+    async def note_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        async def tx(conn: Connection) -> None:
+            await _note_released(conn, blob_hashes)
+
+        await self._write(tx)
+
     async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
         async def tx(conn: Connection) -> None:
             await conn.execute("DELETE FROM blob_released WHERE blob_hash = ANY($1::text[])",

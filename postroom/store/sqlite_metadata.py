@@ -1269,6 +1269,17 @@ class SqliteMetadataStore:
 
         return await self._read(tx)
 
+    async def note_released_blobs(self, blob_hashes: Sequence[str]) -> None:
+        now = time.time()
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO blob_released (blob_hash, released_at) VALUES (?, ?)"
+                " ON CONFLICT (blob_hash) DO UPDATE SET released_at = excluded.released_at",
+                [(h, now) for h in sorted(set(blob_hashes))])
+
+        await self._write(tx)
+
     async def forget_released_blobs(self, blob_hashes: Sequence[str]) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             conn.executemany("DELETE FROM blob_released WHERE blob_hash = ?",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from postroom.app import Postroom
+from postroom.blob_collector import collect_blobs
 from postroom.config import load_settings
 from postroom.core.models import Envelope, User
 from postroom.mailflow.incoming import (
@@ -26,6 +29,8 @@ from postroom.mailflow.incoming import (
     handle_batch,
 )
 from postroom.service import DeliveryResult, Inbound
+from postroom.store.blobs import blob_hash
+from postroom.store.errors import NotFound
 from postroom.store.queue import INCOMING, QueueItem
 
 
@@ -102,6 +107,14 @@ async def test_each_item_keeps_its_own_fate(node: Postroom, users: tuple[User, U
     assert len(left) == 1  # n2, due again later with its error; n1 was dropped
     assert "disk full for n2" in left[0].last_error
     assert left[0].not_before > items[0].not_before - 30 + 1
+    # n1's bytes reached no mailbox: the blob collector takes them, and only them
+    refused = blob_hash(raw(1))
+    assert await node.metadata.released_blobs(time.time() + 60) == [refused]
+    report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=0, settle=0)
+    assert report.collected == 1
+    with pytest.raises(NotFound):
+        await node.blobs.get(refused)
+    assert await node.blobs.get(blob_hash(raw(2))) == raw(2)  # still queued for a retry
 
 
 async def test_a_failing_batch_delivery_falls_back_to_each_message(

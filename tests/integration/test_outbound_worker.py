@@ -10,6 +10,7 @@ import email
 import email.policy
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest_asyncio
 
 from postroom.app import Postroom
+from postroom.blob_collector import collect_blobs
 from postroom.config import Settings, load_settings
 from postroom.core.models import Envelope, User
 from postroom.mailflow import queue_view
@@ -175,6 +177,30 @@ async def test_a_slow_delivery_keeps_its_short_lease(node: Postroom) -> None:
 
 async def _empty(node: Postroom) -> bool:
     return not await node.queue.list(OUTGOING)
+
+
+async def test_sent_bytes_are_collected_with_the_last_sent_copy(node: Postroom) -> None:
+    alice = await alice_of(node)
+    peer = Peer()
+    async with peer_server(peer) as port:
+        delivery = delivery_for(node, port)
+        await submit(node, alice, "collect later")
+        stop, task = await run_worker(delivery, node)
+        try:
+            await until(lambda: _empty(node))
+        finally:
+            await stop_worker(stop, task, delivery)
+    (sent,) = (await node.service.list_messages(alice, "Sent")).messages
+    # the finished item let go of its bytes, but the Sent copy still names them
+    assert await node.metadata.released_blobs(time.time() + 60) == [sent.blob_hash]
+    report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=0, settle=0)
+    assert (report.collected, report.referenced) == (0, 1)
+    assert b"collect later" in await node.service.raw_message(alice, sent.message_id)
+
+    await node.service.expunge(alice, [sent.message_id])
+    report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=0, settle=0)
+    assert report.collected == 1
+    assert not await node.blobs.exists(sent.blob_hash)
 
 
 async def test_delete_during_an_attempt_cancels_the_message(node: Postroom) -> None:
