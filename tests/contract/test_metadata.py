@@ -592,6 +592,11 @@ async def test_released_blobs_are_the_collectors_candidates(
     await store.delete_user(alice.user_id)  # a removed user's blobs are released too
     assert await store.released_blobs(time.time() + 60) == [kept]
 
+    queued_only = blob(545454)  # bytes of a finished queue item that reached no mailbox
+    await store.note_released_blobs([queued_only, queued_only])
+    assert await store.released_blobs(time.time() + 60) == [kept, queued_only]
+    assert await store.blob_refcount(queued_only) == 0
+
 
 async def test_vanished_log_for_qresync(metadata_store: MetadataStore) -> None:
     """Expunged and moved-away uids are kept with the modseq of their removal (RFC 7162)."""
