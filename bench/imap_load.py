@@ -141,13 +141,16 @@ async def seed(target: Target) -> None:
 async def mixed(target: Target, clients: int, seconds: float, append_only: bool = False
                 ) -> Counter[str]:
     counts: Counter[str] = Counter()
+    spent: Counter[str] = Counter()  # seconds waited for each command's answer, by command
     deadline = time.monotonic() + seconds
 
     async def run(user: str, rng: random.Random) -> None:
         c = await Client.connect(target.port)
 
         async def do(name: str, text: bytes, literal: bytes | None = None) -> list[bytes]:
+            started = time.monotonic()
             lines = await c.command(text, literal)
+            spent[name] += time.monotonic() - started
             counts[name] += 1
             return lines
 
@@ -183,7 +186,12 @@ async def mixed(target: Target, clients: int, seconds: float, append_only: bool 
 
     users = target.users
     await asyncio.gather(*(run(users[i % len(users)], random.Random(i)) for i in range(clients)))
+    LATENCY[target.name] = Counter({name: spent[name] / counts[name] for name in counts})
     return counts
+
+
+# mean client-side latency (seconds) per command of the last run against each target
+LATENCY: dict[str, Counter[str]] = {}
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -330,10 +338,13 @@ mail_max_userip_connections = 100000
 def report(title: str, ours: Counter[str], anchor: Counter[str] | None, seconds: float) -> None:
     print(f"\n{title} ({seconds:.0f} s)")
     names = sorted(set(ours) | set(anchor or {}))
-    print(f"{'command':<14}{'Postroom/s':>12}{'Dovecot/s':>12}")
+    print(f"{'command':<14}{'Postroom/s':>12}{'Dovecot/s':>12}{'ms each':>10}{'Dovecot ms':>12}")
+    ours_ms, anchor_ms = LATENCY.get("Postroom", Counter()), LATENCY.get("Dovecot", Counter())
     for name in names:
         a = f"{anchor[name] / seconds:12.1f}" if anchor is not None else f"{'-':>12}"
-        print(f"{name:<14}{ours[name] / seconds:12.1f}{a}")
+        ms = f"{ours_ms[name] * 1000:10.2f}"
+        ms += f"{anchor_ms[name] * 1000:12.2f}" if anchor is not None else f"{'-':>12}"
+        print(f"{name:<14}{ours[name] / seconds:12.1f}{a}{ms}")
     total = sum(ours.values()) / seconds
     line = f"{'total':<14}{total:12.1f}"
     if anchor is not None:

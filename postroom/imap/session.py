@@ -668,13 +668,27 @@ class ImapSession:
                     break
                 cur.sp()
         cur.end()
+        user = self._user()
+        previous = self.selected
+        try:
+            folder = await self._folder(name)
+        except Reply:
+            if self.selected is not None:  # a failed SELECT still closes the previous one
+                self.unselect()
+                self.emit(b"* OK [CLOSED] previous mailbox closed")
+            raise
+        known = None
+        if previous is not None and previous is self.selected \
+                and previous.folder.folder_id == folder.folder_id:
+            known = await self._current_records(previous)
         if self.selected is not None:
             self.unselect()
             self.emit(b"* OK [CLOSED] previous mailbox closed")
-        user = self._user()
-        folder = await self._folder(name)
-        folder, records = await self.service.folder_messages(user, folder.folder_id)
-        records = [_intern(r) for r in records]
+        if known is not None:
+            folder, records = known
+        else:
+            folder, records = await self.service.folder_messages(user, folder.folder_id)
+            records = [_intern(r) for r in records]
         selected = Selected(folder, readonly, qresync=self.qresync)
         uids = [r.uid for r in records]
         recent = (self.hub.unclaimed(user.user_id, folder.folder_id, uids) if readonly
@@ -703,6 +717,33 @@ class ImapSession:
             await self._resync(selected, resync)
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         return f"OK [{mode}] {'EXAMINE' if readonly else 'SELECT'} completed"
+
+    async def _current_records(self, selected: Selected
+                               ) -> tuple[Folder, list[MessageRecord]] | None:
+        """The selected folder's state and records as of now, from the session's own map
+        brought up to date by its pending events (a SELECT of the folder already selected);
+        None when only a re-read can tell: events were missed, or the folder moved past
+        what the events explain (another process wrote)."""
+        if selected.full_resync:
+            return None
+        events = list(selected.pending)
+        if selected.dirty and events:
+            records = await self._apply_events(selected, events)
+            if records is None:
+                return None
+        else:
+            records = [selected.records[u] for u in selected.uids if u not in selected.gone]
+        top_uid = max([selected.folder.uidnext - 1, *(r.uid for r in records)])
+        top_modseq = max([selected.highestmodseq, *(e.modseq for e in events)])
+        try:
+            folder = await self.service.get_folder(self._user(), selected.folder.folder_id)
+        except NotFoundError:
+            return None
+        if self.selected is not selected or selected.full_resync \
+                or len(selected.pending) != len(events) \
+                or folder.highestmodseq > top_modseq or folder.uidnext > top_uid + 1:
+            return None
+        return folder, records
 
     async def _resync(self, selected: Selected, resync: _Resync) -> None:
         """RFC 7162 §3.2.5: what changed since the client's modseq, as VANISHED (EARLIER)

@@ -403,6 +403,42 @@ def test_two_sessions_see_each_others_changes(server: ServerProcess,
     b.ok("LOGOUT")
 
 
+def test_reselect_shows_what_changed_meanwhile(server: ServerProcess,
+                                               box: tuple[imaplib.IMAP4, str]) -> None:
+    """A SELECT of the folder already selected answers from the session's map brought up
+    to date, and must match a fresh session's SELECT exactly."""
+    client, name = box
+    uids = [append(client, name, message(f"reselect {i}")) for i in range(4)]
+    a = raw_login(server)
+    b = raw_login(server)
+    b.ok(f"SELECT {quote(name)}")
+    a.ok(f"SELECT {quote(name)}")
+    a.ok("STORE 2 +FLAGS.SILENT (\\Flagged)")
+    a.ok("STORE 1 +FLAGS.SILENT (\\Deleted \\Seen)")
+    a.ok("EXPUNGE")
+    new_uid = append(client, name, message("reselect new"))
+    b.ok(f"UID STORE {uids[1]} +FLAGS.SILENT (\\Answered)")  # a change of b's own
+
+    def summary(raw: RawImap) -> tuple[list[bytes], list[bytes]]:
+        untagged = raw.ok(f"SELECT {quote(name)}")
+        assert not any(b"EXPUNGE" in u or b"VANISHED" in u for u in untagged), untagged
+        fetched = raw.ok("FETCH 1:* (UID FLAGS)")
+        return sorted(u for u in untagged if not u.startswith(b"* OK [CLOSED]")), fetched
+
+    again, fresh = summary(b), summary(raw_login(server))
+    assert again == fresh
+    assert b"* 4 EXISTS" in again[0]
+    assert any(b"UIDNEXT %d]" % (new_uid + 1) in u for u in again[0])
+    assert [int(m) for m in re.findall(rb"UID (\d+)", b" ".join(again[1]))] \
+        == [*uids[1:], new_uid]
+    assert re.search(rb"UID %d FLAGS \((\\Answered \\Flagged|\\Flagged \\Answered)\)"
+                     % uids[1], b" ".join(again[1]))
+    # and a second reselect with nothing new in between
+    assert summary(b) == again
+    a.ok("LOGOUT")
+    b.ok("LOGOUT")
+
+
 def test_idle_is_woken_by_an_smtp_delivery(server: ServerProcess) -> None:
     raw = raw_login(server, BOB, PASSWORD_B)
     untagged = raw.ok("SELECT INBOX")
