@@ -8,6 +8,7 @@ Set POSTROOM_SCREENSHOTS=docs/screenshots to save the main screens.
 
 from __future__ import annotations
 
+import imaplib
 import re
 import time
 import uuid
@@ -429,3 +430,35 @@ def test_push_reconnects_with_last_event_id_and_misses_nothing(
         assert not alice.errors, alice.errors
     finally:
         alice.close()
+
+
+def test_the_list_pages_through_a_big_folder(server: ServerProcess, browser: Browser) -> None:
+    """The list loads 50 rows at a time as the reader scrolls, to the last message."""
+    dana, dana_pw, count = "dana@example.test", "dana-secret-333", 120
+    server.cli("user", "add", dana, "--password", dana_pw)
+    with imaplib.IMAP4("127.0.0.1", server.imap_port) as imap:
+        imap.login(dana, dana_pw)
+        for n in range(count):
+            raw = (f"From: Sender {n} <s{n}@example.org>\r\nTo: {dana}\r\n"
+                   f"Subject: Paged message {n:03d}\r\nMessage-ID: <paged.{n}@example.org>\r\n"
+                   f"\r\nNumber {n}.\r\n").encode()
+            when = imaplib.Time2Internaldate(1_790_000_000 + n * 3600)
+            typ, _ = imap.append("INBOX", "", when, raw)
+            assert typ == "OK"
+    reader = Guarded(browser, server, viewport={"width": 1280, "height": 800})
+    try:
+        page = reader.sign_in(dana, dana_pw)
+        rows = page.locator("#list li")
+        expect(rows.first).to_contain_text("Paged message 119")
+        expect(rows).to_have_count(50)
+        for _ in range(20):
+            if page.locator("#list-end").text_content() == f"{count} messages":
+                break
+            rows.last.scroll_into_view_if_needed()
+            page.wait_for_timeout(100)
+        expect(page.locator("#list-end")).to_have_text(f"{count} messages")
+        expect(rows).to_have_count(count)
+        expect(rows.last).to_contain_text("Paged message 000")  # newest first, to the oldest
+        assert reader.errors == [] and reader.remote == []
+    finally:
+        reader.close()

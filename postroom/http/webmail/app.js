@@ -154,6 +154,7 @@ async function loadMore(first) {
   state.loading = true;
   const generation = state.listGeneration;
   $("#list-end").textContent = "Loading…";
+  let loaded = false;
   try {
     const page = state.query
       ? await api.search(state.query, state.cursor)
@@ -170,6 +171,7 @@ async function loadMore(first) {
       ? (state.query ? "Nothing matches." : "No messages here.")
       : state.cursor ? "" : `${state.rows.length} message${state.rows.length === 1 ? "" : "s"}`;
     if (state.selected < 0 && state.rows.length) select(0, false);
+    loaded = true;
   } catch (err) {
     if (generation === state.listGeneration) {
       $("#list-end").textContent = err.code === "bad_query" || err.status === 400 ? `Search: ${err.message}` : `Could not load: ${err.message}`;
@@ -177,13 +179,23 @@ async function loadMore(first) {
   } finally {
     state.loading = false;
   }
+  if (loaded) maybeLoadMore(); // still at the end (a tall window, a fast scroller): go on
 }
 
-// Cursor paging: the next page is fetched only when the end of the list scrolls into view,
-// so a folder of 100,000 messages costs what the reader actually scrolls through.
-new IntersectionObserver((entries) => {
-  if (entries.some((e) => e.isIntersecting) && state.cursor) loadMore(false);
-}, { root: null, rootMargin: "400px" }).observe($("#list-end"));
+// Cursor paging: the next page is fetched when the reader scrolls near the end of the list
+// (the list is its own scroll box) or the rows loaded do not fill it yet, so a folder of
+// 100,000 messages costs what the reader actually scrolls through.
+function nearListEnd() {
+  const list = $("#list");
+  return list.scrollTop + list.clientHeight >= list.scrollHeight - 600;
+}
+
+function maybeLoadMore() {
+  if (state.cursor && !state.loading && nearListEnd()) loadMore(false);
+}
+
+$("#list").addEventListener("scroll", maybeLoadMore, { passive: true });
+window.addEventListener("resize", maybeLoadMore, { passive: true });
 
 function rowView(m, fresh) {
   const from = parseAddress(m.from);
