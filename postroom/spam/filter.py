@@ -386,7 +386,8 @@ class SpamFilter:
                 log.warning("feedback: blob of %s is missing", record.message_id)
                 continue
             parsed = await asyncio.to_thread(parse_message, raw)
-            model.learn(self.classifier.model, self.classifier.features(parsed), spam)
+            indices, values = self.classifier.features(parsed)
+            model.learn(self.classifier.model, indices, spam, values=values)
             subjects = _subjects_from_raw(raw)
             await self.metadata.add_reputation(
                 subjects, ham=0.0 if spam else 1.0, spam=1.0 if spam else 0.0, now=now,

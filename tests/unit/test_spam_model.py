@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from postroom.core.message import parse_message
 from postroom.spam.classifier import ContentClassifier, train
-from postroom.spam.features import extract, hash_features
+from postroom.spam.features import extract, feature_group, hash_features, vectorize
 from postroom.spam.model import Model, UserModel
 from tests.corpus import messages
 
@@ -41,8 +43,44 @@ def test_model_learns_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "m.npz"
     model.save(path)
     loaded = Model.load(path)
-    indices = held_out.features(parse_message(HAM))
-    assert abs(loaded.logit(indices) - model.logit(indices)) < 1e-3
+    indices, values = held_out.features(parse_message(HAM))
+    assert values is not None  # a new model reads per-part normalised vectors
+    assert abs(loaded.logit(indices, values) - model.logit(indices, values)) < 1e-3
+    assert (loaded.norm, loaded.l2) == (model.norm, model.l2)
+
+
+def test_vector_has_length_one_and_each_part_counts_alike() -> None:
+    features = extract(parse_message(HAM))
+    indices, values = vectorize(features, bits=20)
+    assert indices == sorted(set(indices)) == hash_features(features, bits=20)
+    assert abs(sum(v * v for v in values) - 1.0) < 1e-6
+    parts = {feature_group(f) for f in features}
+    assert {"body", "subject", "headers", "structure"} <= parts
+    # a body word of a long mail weighs less than one of a short mail; a header feature the same
+    long_mail = HAM.replace(b"Yes, noon", b" ".join(b"w%d" % i for i in range(500)) + b" noon")
+    for raw in (HAM, long_mail):
+        names = extract(parse_message(raw))
+        value = dict(zip(*vectorize(names, bits=20), strict=True))
+        header = value[hash_features(["h:received"], bits=20)[0]]
+        body = value[hash_features(["noon"], bits=20)[0]]
+        if raw is HAM:
+            short_header, short_body = header, body
+    assert abs(header - short_header) < 1e-9 and body < short_body / 5
+
+
+def test_model_files_without_a_norm_score_as_trained(tmp_path: Path) -> None:
+    """A model saved before per-part vectors (flat 1/sqrt(n) scaling) still scores the same."""
+    model = Model.empty(bits=16)
+    model.norm = "flat"
+    indices = hash_features(extract(parse_message(HAM)), bits=16)
+    model.learn(indices, spam=True)
+    path = tmp_path / "old.npz"
+    model.save(path)
+    loaded = ContentClassifier.from_file(path)
+    assert loaded.model.norm == "flat"
+    got, values = loaded.features(parse_message(HAM))
+    assert (got, values) == (indices, None)
+    assert abs(loaded.score(parse_message(HAM)).logit - model.logit(indices)) < 1e-5
 
 
 def test_user_model_feedback_moves_only_that_user() -> None:
@@ -68,3 +106,21 @@ def test_shipped_model_separates_later_mail() -> None:
                                                                           limit=100)]
     assert auc(spam, ham) > 0.97
     assert sum(1 for h in ham if h >= 0) <= 2
+
+
+def test_calibration_recovers_the_scale_of_log_odds() -> None:
+    """Margins whose true log-odds are 3x larger: `calibrate` finds ~3, and the logit then is
+    the margin times it (the boundary stays at 0)."""
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0.0, 1.5, 20_000)
+    labels = rng.random(margins.size) < 1.0 / (1.0 + np.exp(-3.0 * margins))
+    model = Model.empty(bits=8)
+    assert abs(model.calibrate(margins.tolist(), labels.tolist()) - 3.0) < 0.3
+    model.weights[1] = 0.5
+    assert abs(model.logit([1], [1.0]) - 0.5 * model.scale) < 1e-6
+    assert model.margin([1], [1.0]) == 0.5
+
+
+def test_shipped_model_logit_is_calibrated_log_odds() -> None:
+    model = ContentClassifier.default().model
+    assert model.norm == "parts" and 2.0 < model.scale < 6.0
