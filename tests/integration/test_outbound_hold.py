@@ -7,7 +7,6 @@ import argparse
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -61,7 +60,7 @@ def spammy(sender: str) -> bytes:
 async def cli(node: Postroom, capsys: pytest.CaptureFixture[str], action: str,
               **kw: Any) -> str:
     args = argparse.Namespace(action=action, json=kw.pop("json", False), **kw)
-    assert await manage_queue(args, SimpleNamespace(queue=node.queue)) == 0  # type: ignore[arg-type]
+    assert await manage_queue(args, node) == 0
     return capsys.readouterr().out
 
 
