@@ -615,11 +615,37 @@ def text_leaves(part: Part) -> list[Part]:
 
 
 class StructureCache:
-    """Parsed structures by blob hash: a message's bytes never change, so neither does this."""
+    """Parsed structures by blob hash: a message's bytes never change, so neither does this.
 
-    def __init__(self, size: int = 2048) -> None:
+    It also keeps the bytes of recently appended or fetched small messages, so that a FETCH
+    of a message read a moment ago needs no trip to the blob store (a thread hop each, which
+    costs more than the read). Keyed by the content hash, an entry can only be what the
+    asking user's own record names, whoever put it there.
+    """
+
+    def __init__(self, size: int = 2048, content_bytes: int = 32 << 20,
+                 content_max: int = 256 << 10) -> None:
         self.size = size
         self._items: OrderedDict[str, Part] = OrderedDict()
+        self.content_bytes = content_bytes  # bytes of message content kept at most
+        self.content_max = content_max  # larger messages are not kept
+        self._content: OrderedDict[str, bytes] = OrderedDict()
+        self._content_total = 0
+
+    def content(self, key: str) -> bytes | None:
+        raw = self._content.get(key)
+        if raw is not None:
+            self._content.move_to_end(key)
+        return raw
+
+    def keep_content(self, key: str, raw: bytes) -> None:
+        if len(raw) > self.content_max or key in self._content:
+            return
+        self._content[key] = raw
+        self._content_total += len(raw)
+        while self._content_total > self.content_bytes:
+            _, dropped = self._content.popitem(last=False)
+            self._content_total -= len(dropped)
 
     def get(self, key: str, raw: bytes) -> Part:
         part = self._items.get(key)

@@ -27,6 +27,7 @@ from postroom.core.models import (
     FlagError,
     Flags,
     Folder,
+    FolderCounts,
     FolderRole,
     MessageRecord,
     User,
@@ -922,7 +923,15 @@ class ImapSession:
 
     async def _status_line(self, folder: Folder, items: list[str]) -> bytes:
         user = self._user()
-        folder, counts = await self.service.folder_status(user, folder.folder_id)
+        known = None
+        if self.selected is not None and self.selected.folder.folder_id == folder.folder_id:
+            known = await self._current_records(self.selected)
+        if known is not None:  # the selected folder: counted from the up-to-date map
+            folder, records = known
+            counts = FolderCounts(len(records),
+                                  sum(1 for r in records if Flag.SEEN not in r.flags))
+        else:
+            folder, counts = await self.service.folder_status(user, folder.folder_id)
         values: list[str] = []
         for item in items:
             if item == "MESSAGES":
@@ -972,6 +981,8 @@ class ImapSession:
             record = await self.service.append(self._user(), folder.folder_id, data, flags, when)
         except InvalidInput as exc:
             raise _no(str(exc), "CANNOT") from None
+        self.structures.keep_content(record.blob_hash, data)
+        _intern(record)  # the hub hands it to this folder's sessions without a read
         selected = self.selected
         if selected is not None and selected.folder.folder_id == folder.folder_id:
             recent = bool(self.hub.claim_recent(self._user().user_id, folder.folder_id,
@@ -1122,11 +1133,16 @@ class ImapSession:
         sem = asyncio.Semaphore(_CONTENT_READS)
 
         async def load(record: MessageRecord) -> bytes | None:
+            raw = self.structures.content(record.blob_hash)
+            if raw is not None:
+                return raw
             async with sem:
                 try:
-                    return await self.service.record_bytes(user, record)
+                    raw = await self.service.record_bytes(user, record)
                 except NotFoundError:
                     return None
+            self.structures.keep_content(record.blob_hash, raw)
+            return raw
 
         batch = 64 if request.needs_content else len(uids) or 1
         for start in range(0, len(uids), batch):

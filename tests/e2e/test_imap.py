@@ -419,6 +419,11 @@ def test_reselect_shows_what_changed_meanwhile(server: ServerProcess,
     new_uid = append(client, name, message("reselect new"))
     b.ok(f"UID STORE {uids[1]} +FLAGS.SILENT (\\Answered)")  # a change of b's own
 
+    status = f"STATUS {quote(name)} (MESSAGES UNSEEN UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
+    fresh_status = raw_login(server).ok(status)  # counted by the store
+    assert b"MESSAGES 4 UNSEEN 4" in fresh_status[0]
+    assert [u for u in b.ok(status) if u.startswith(b"* STATUS")] == fresh_status  # from b's map
+
     def summary(raw: RawImap) -> tuple[list[bytes], list[bytes]]:
         untagged = raw.ok(f"SELECT {quote(name)}")
         assert not any(b"EXPUNGE" in u or b"VANISHED" in u for u in untagged), untagged
