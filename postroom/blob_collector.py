@@ -27,8 +27,9 @@ collected when released again), never delete a referenced one.
 Bytes that never reach a mailbox are noted when their queue item is done
 (`release_queue_blobs`: incoming mail refused by a pipeline step, outgoing mail sent or bounced,
 a queue item deleted by the operator) and checked the same way, so a blob that still has a
-Sent copy stays. Not collected: bytes of a node that died between its put and its queue item
-(no 250 was given for them); finding those needs a scan of the whole store against the rows.
+Sent copy stays. Bytes of a node that died between its put and its queue item (no 250 was
+given for them) are found only by a scan of the whole store (`find_unreleased`, run by
+`postroom blobs collect --scan`).
 """
 
 from __future__ import annotations
@@ -99,10 +100,14 @@ async def release_queue_blobs(metadata: MetadataStore, items: Sequence[QueueItem
 
 async def collect_blobs(metadata: MetadataStore, blobs: BlobStore, queue: Queue, *,
                         grace: float = 3600.0, settle: float = 10.0, limit: int = BATCH,
-                        now: float | None = None) -> CollectionReport:
-    """One collection run over at most `limit` candidates (see the module's text)."""
+                        now: float | None = None, released_before: float | None = None
+                        ) -> CollectionReport:
+    """One collection run over at most `limit` candidates (see the module's text): those
+    released before `released_before` (default: `grace` seconds before `now`)."""
     started = time.time() if now is None else now
-    candidates = await metadata.released_blobs(started - grace, limit)
+    if released_before is None:
+        released_before = started - grace
+    candidates = await metadata.released_blobs(released_before, limit)
     report = CollectionReport(examined=len(candidates))
     if not candidates:
         return report
@@ -148,6 +153,27 @@ async def collect_blobs(metadata: MetadataStore, blobs: BlobStore, queue: Queue,
         log.info("blob collection: %d deleted of %d released", report.collected,
                  report.examined)
     return report
+
+
+async def find_unreleased(metadata: MetadataStore, blobs: BlobStore, *,
+                          grace: float = 3600.0) -> int:
+    """Scan the whole blob store for bytes no message row names and that were not put for
+    `grace` seconds, and make them candidates (bytes left by a node that died between its put
+    and its queue item, or stored before collection existed). A long read of a big store: an
+    operator's command, not part of the periodic run. Returns how many it noted."""
+    noted = 0
+    batch: list[str] = []
+    async for digest in blobs.scan(grace):
+        if await metadata.blob_refcount(digest) == 0:
+            batch.append(digest)
+        if len(batch) >= BATCH:
+            await metadata.note_released_blobs(batch)
+            noted += len(batch)
+            batch.clear()
+    if batch:
+        await metadata.note_released_blobs(batch)
+        noted += len(batch)
+    return noted
 
 
 async def run_blob_collector(metadata: MetadataStore, blobs: BlobStore, queue: Queue,

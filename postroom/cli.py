@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="only blobs released this long ago ([storage] blob_grace)")
     bcollect.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
                           help="wait between quarantine and the final check (default 10)")
+    bcollect.add_argument("--scan", action="store_true",
+                          help="first look through the whole blob store for bytes no message "
+                          "names (a long read of a big store)")
     from postroom.spam.cli import add_parser as add_spam_parser
 
     add_spam_parser(sub)
@@ -228,13 +231,20 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
 
         print(records_for(args.domain, node.settings))
     elif cmd == "blobs":
-        from postroom.blob_collector import collect_blobs
+        import time
+
+        from postroom.blob_collector import collect_blobs, find_unreleased
 
         grace = node.settings.storage.blob_grace if args.grace is None else args.grace
+        released_before = None
+        if args.scan:  # what the scan finds was untouched for `grace` already: take it now
+            released_before = time.time() + 1
+            print(f"scan: {await find_unreleased(node.metadata, node.blobs, grace=grace)} "
+                  "blob(s) named by no message")
         total = 0
         while True:
             report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=grace,
-                                         settle=args.settle)
+                                         settle=args.settle, released_before=released_before)
             total += report.collected
             print(f"examined {report.examined}: deleted {report.collected}, referenced again "
                   f"{report.referenced}, queued {report.queued}, put lately {report.recent}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -52,4 +53,8 @@ class BlobStore(Protocol):
         ...
     async def purge(self, digest: str) -> None:
         """Delete the quarantined copy; absent is not an error."""
+        ...
+    def scan(self, untouched_for: float) -> AsyncIterator[str]:
+        """Every stored blob not put in the last `untouched_for` seconds (quarantined ones
+        apart), in no particular order: the collector's search for bytes nothing released."""
         ...

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import AsyncIterator
 
 from postroom.store.blobs import blob_hash
 from postroom.store.errors import NotFound
@@ -33,6 +34,13 @@ def _check_digest(digest: str) -> str:
     if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
         raise ValueError(f"not a sha256 hex digest: {digest!r}")
     return digest
+
+
+def _list_dir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _fsync_dir(path: str) -> None:
@@ -96,7 +104,31 @@ class FsBlobStore:
     async def purge(self, digest: str) -> None:
         await asyncio.to_thread(self._unlink, self.quarantine_path_of(digest))
 
+    async def scan(self, untouched_for: float) -> AsyncIterator[str]:
+        for first in sorted(await asyncio.to_thread(_list_dir, self.root)):
+            if len(first) != 2:
+                continue  # the quarantine, anything not a fan-out directory
+            top = os.path.join(self.root, first)
+            for second in sorted(await asyncio.to_thread(_list_dir, top)):
+                found = await asyncio.to_thread(self._old_blobs, os.path.join(top, second),
+                                                time.time() - untouched_for)
+                for digest in found:
+                    yield digest
+
     # Blocking parts, run in a worker thread.
+
+    @staticmethod
+    def _old_blobs(directory: str, before: float) -> list[str]:
+        found = []
+        for name in _list_dir(directory):
+            if _DIGEST.fullmatch(name) is None:
+                continue  # a temporary file of a put in progress
+            try:
+                if os.stat(os.path.join(directory, name)).st_mtime < before:
+                    found.append(name)
+            except FileNotFoundError:
+                continue
+        return found
 
     def _quarantine(self, digest: str, untouched_for: float) -> bool:
         path = self.path_of(digest)

@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -38,6 +39,7 @@ from postroom.store.blobs import blob_hash, check_digest
 from postroom.store.errors import NotFound, StoreError
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _QUARANTINE = "quarantine/"  # blobs the collector moved aside
 _REFRESH_AFTER = 60.0  # seconds: a put of an older object uploads it again (a new put time)
 # S3 bucket naming rules (the common subset every implementation accepts).
@@ -199,6 +201,21 @@ class S3BlobStore:
 
     async def purge(self, digest: str) -> None:
         await self._delete(self.quarantine_key_of(digest))
+
+    async def scan(self, untouched_for: float) -> AsyncIterator[str]:
+        before = time.time() - untouched_for
+        paginator = self._s3().get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for entry in page.get("Contents", []):
+                    digest = str(entry["Key"])[len(self.prefix):]
+                    modified = entry.get("LastModified")
+                    if _DIGEST.fullmatch(digest) is None or not isinstance(
+                            modified, datetime.datetime) or modified.timestamp() >= before:
+                        continue  # quarantined (another "directory"), foreign or recent
+                    yield digest
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"S3 list {self.bucket}/{self.prefix}: {exc}") from exc
 
     async def _copy(self, source: str, target: str) -> None:
         try:

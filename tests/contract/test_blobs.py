@@ -246,3 +246,14 @@ async def test_put_of_stored_bytes_refreshes_the_put_time(tmp_path: Path) -> Non
     assert not await store.quarantine(digest, untouched_for=3600)
     os.utime(store.path_of(digest), (old, old))
     assert await store.quarantine(digest, untouched_for=3600)
+
+
+async def test_scan_lists_what_was_not_put_lately(make_store: MakeStore) -> None:
+    store = await make_store()
+    digests = {await store.put(f"blob {n}\r\n".encode()) for n in range(3)}
+    assert [d async for d in store.scan(3600)] == []  # all put just now
+    everything = -60.0  # "not put in the last -60 seconds": every blob
+    assert {d async for d in store.scan(everything)} == digests
+    held = sorted(digests)[0]
+    assert await store.quarantine(held, untouched_for=0)
+    assert {d async for d in store.scan(everything)} == digests - {held}

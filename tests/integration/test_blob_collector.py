@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest_asyncio
 
 from postroom.app import Postroom
-from postroom.blob_collector import collect_blobs, run_blob_collector
+from postroom.blob_collector import collect_blobs, find_unreleased, run_blob_collector
 from postroom.config import load_settings
 from postroom.core.models import Envelope, User
 from postroom.store.blobs import blob_hash
@@ -180,3 +180,31 @@ async def test_collect_command(node: Postroom, users: tuple[User, User]) -> None
     assert out.returncode == 0, out.stderr
     assert "1 blob(s) deleted" in out.stdout
     assert not stored(node, digest)
+
+    orphan = await node.blobs.put(b"never named by a message\r\n")
+    assert isinstance(node.blobs, FsBlobStore)
+    os.utime(node.blobs.path_of(orphan), (time.time() - 7200,) * 2)
+    out = await asyncio.to_thread(subprocess.run, [*command, "--scan"],
+                                  capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "scan: 1 blob(s) named by no message" in out.stdout
+    assert "1 blob(s) deleted" in out.stdout
+    assert not stored(node, orphan)
+
+
+async def test_a_scan_finds_bytes_no_message_ever_named(
+        node: Postroom, users: tuple[User, User]) -> None:
+    alice, _ = users
+    kept = (await node.service.deliver(BOTH, RAW)).delivered["alice@example.test"]
+    orphan = await node.blobs.put(b"put by a node that died before its queue item\r\n")
+    assert isinstance(node.blobs, FsBlobStore)
+    old = time.time() - 7200
+    for digest in (orphan, kept.blob_hash):
+        os.utime(node.blobs.path_of(digest), (old, old))
+    assert await collect(node) == (0, 0, 0, 0)  # nothing released it
+    assert await find_unreleased(node.metadata, node.blobs, grace=3600) == 1
+    report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=3600, settle=0,
+                                 released_before=time.time() + 1)
+    assert report.collected == 1
+    assert not stored(node, orphan)
+    assert await node.service.raw_message(alice, kept.message_id) == RAW
