@@ -41,6 +41,12 @@ _RCV_FROM = re.compile(r"^\s*from\s+([^\s;()]+)", re.I)
 _RCV_WITH = re.compile(r"\bwith\s+([a-z0-9-]+)", re.I)
 _TAG = re.compile(r"<\s*([a-z][a-z0-9]*)", re.I)
 _AUTH_RESULT = re.compile(r"\b(spf|dkim|dmarc|arc|iprev|dnsbl)\s*=\s*([a-z]+)", re.I)
+_CAPS_WORD = re.compile(r"\b[A-Z]{3,}\b")
+_MONEY = re.compile(r"\$\s?\d")
+_PERCENT = re.compile(r"\d\s?%")
+_PHONE = re.compile(r"\b1?[-. (]*\d{3}[-. )]*\d{3}[-. ]*\d{4}\b")
+_BANGS = re.compile(r"!{2,}")
+_OPT_OUT = re.compile(r"\b(remove|unsubscribe|opt.?out)\b", re.I)
 _TZ = re.compile(r"([+-]\d{4}|\b[A-Z]{2,4}\b)\s*(?:\([^)]*\))?\s*$")
 
 # Headers whose presence and shape are evidence; the value of the rest is ignored.
@@ -344,6 +350,19 @@ def extract(parsed: ParsedMessage) -> set[str]:
         out.add("b:signature")
     if "=\n" in text:
         out.add("b:qp-residue")
+    # The text's shape, in its own case: shouted words, sums of money, percentages, phone
+    # numbers, runs of "!", and a way out (remove, unsubscribe) near the end.
+    caps = len(_CAPS_WORD.findall(text))
+    out.add(f"b:capswords{_bucket(caps, (1, 3, 10, 30, 100))}")
+    if _MONEY.search(text):
+        out.add("b:money")
+    if _PERCENT.search(text):
+        out.add("b:percent")
+    if _PHONE.search(text):
+        out.add("b:phone")
+    out.add(f"b:bangs{_bucket(len(_BANGS.findall(text)), (1, 3, 10))}")
+    if _OPT_OUT.search(text[-3000:]):
+        out.add("b:optout-tail")
     return out
 
 
