@@ -1,6 +1,7 @@
 """Spam classifier evaluation on the Apache SpamAssassin public corpus, beside SpamAssassin.
 
     .venv/bin/python -m bench.spam_eval [--corpus DIR] [--no-spamassassin] [--split NAME]
+                                        [--verdict]
 
 Two splits, each trained only on its training part:
 
@@ -13,13 +14,27 @@ Prints precision, recall, F1, false-positive rate (ham marked spam), ROC AUC and
 boundary (p = 0.5), and, when Debian's `spamassassin` is installed, for SpamAssassin 4 scored
 offline in the same run: network tests off, Bayes trained with sa-learn on the same training
 messages, required score 5.0. Nothing is tuned on the test parts.
+
+`--verdict` adds a row for the service's whole verdict, as `SpamFilter` computes it for a user
+with no lists, contacts or feedback: the test messages replayed in order of arrival through
+`SpamFilter.analyse`, `decide` and `record_verdict` (SQLite metadata store, the filter's clock
+set to each message's arrival), so the score is the content logit plus the sender reputation
+the service accumulated from its own earlier verdicts; no labels of test messages are used.
+The envelope is what the recipient's MX saw: MAIL FROM is the Return-Path, the client is the
+address in the hop the MX added (the first hop below the collector's fetchmail and local
+ones); with none found, an unknown remote client (no network subject). SPF/DKIM/DMARC and
+DNSBLs are not checked (mail from 2002-2003, no DNS of the time), so they add nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import email
+import ipaddress
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -29,11 +44,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from postroom.core.message import parse_message
+from postroom.core.models import Envelope
 from postroom.spam import corpus
+from postroom.spam.classifier import ContentClassifier
 from postroom.spam.classifier import train as train_model
+from postroom.spam.corpus import arrival
 from postroom.spam.features import extract, vectorize
+from postroom.spam.filter import FilterSettings, SpamFilter
+from postroom.spam.model import Model
+from postroom.store.blobs import BlobStore
+from postroom.store.sqlite_metadata import SqliteMetadataStore
 
 SET1 = ("easy-ham-1", "hard-ham-1", "spam-1")
 SET2 = ("easy-ham-2", "spam-2")
@@ -103,12 +126,76 @@ def splits(samples: list[corpus.Sample], only: str | None
     return out
 
 
-def postroom_run(train: list[corpus.Sample], test: list[corpus.Sample]) -> Metrics:
+_BRACKET_IP = re.compile(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]")
+UNKNOWN_CLIENT = "::1"  # remote (nothing is trusted here) but no network subject
+
+
+def envelope_of(raw: bytes) -> Envelope:
+    """MAIL FROM and client address as the recipient's MX saw them (see the module text)."""
+    head = email.message_from_bytes(raw.split(b"\n\n", 1)[0] + b"\n\n")
+    mail_from = str(head.get("return-path", "")).strip().strip("<>")
+    hops = [str(v) for v in head.get_all("received") or []]
+    mx_hop = 0
+    for i, hop in enumerate(hops[:4]):
+        if "fetchmail" in hop.lower():
+            mx_hop = i + 1
+    client = UNKNOWN_CLIENT
+    match = _BRACKET_IP.search(hops[mx_hop]) if mx_hop < len(hops) else None
+    if match:
+        try:
+            address = ipaddress.ip_address(match.group(1))
+        except ValueError:
+            address = None
+        if address is not None and not (address.is_private or address.is_loopback):
+            client = str(address)
+    return Envelope(mail_from, ("user@bench.test",), client)
+
+
+def verdict_scores(model: Model, test: Sequence[corpus.Sample], work: Path) -> list[float]:
+    """Each test message's verdict score (junk at >= 0), replayed in order of arrival."""
+    order = sorted(range(len(test)), key=lambda i: arrival(test[i].raw))
+    scores = [0.0] * len(test)
+
+    async def replay() -> None:
+        metadata = SqliteMetadataStore(str(work / "metadata.db"))
+        await metadata.open()
+        now = [0.0]
+        spam_filter = SpamFilter(
+            metadata=metadata, blobs=cast(BlobStore, None), classifier=ContentClassifier(model),
+            authenticator=None, resolver=None, hostname="mx.bench.test",
+            settings=FilterSettings(check_auth=False, trusted_networks=()),
+            clock=lambda: now[0])
+        user = await metadata.create_user("user@bench.test", "x")
+        try:
+            for i in order:
+                sample = test[i]
+                now[0] = arrival(sample.raw)
+                envelope = envelope_of(sample.raw)
+                analysis = await spam_filter.analyse(envelope, sample.raw)
+                decision = await spam_filter.decide(analysis, envelope, sample.raw, user)
+                await spam_filter.record_verdict(analysis, decision.junk)
+                scores[i] = decision.score  # rounded to 0.01; junk at >= 0
+        finally:
+            await metadata.close()
+
+    work.mkdir(parents=True, exist_ok=True)
+    asyncio.run(replay())
+    return scores
+
+
+def postroom_run(train: list[corpus.Sample], test: list[corpus.Sample],
+                 verdict_dir: Path | None = None) -> tuple[Metrics, Metrics | None]:
     model = train_model([(s.raw, s.spam) for s in train])  # as `postroom spam train` does
     start = time.process_time()
     scores = [model.logit(*vectorize(extract(parse_message(s.raw)))) for s in test]
     elapsed = time.process_time() - start
-    return metrics(scores, [s.spam for s in test], 0.0, len(test) / elapsed)
+    content = metrics(scores, [s.spam for s in test], 0.0, len(test) / elapsed)
+    if verdict_dir is None:
+        return content, None
+    start = time.monotonic()
+    verdicts = verdict_scores(model, test, verdict_dir)
+    return content, metrics(verdicts, [s.spam for s in test], -0.005,
+                            len(test) / (time.monotonic() - start))
 
 
 # ---------------------------------------------------------------------------- SpamAssassin
@@ -204,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", help="corpus directory (default: the test suite's cache)")
     parser.add_argument("--no-spamassassin", action="store_true")
     parser.add_argument("--split", choices=("temporal", "random"))
+    parser.add_argument("--verdict", action="store_true",
+                        help="also the whole verdict with the service's own sender reputation")
     args = parser.parse_args(argv)
     if args.corpus:
         directory = Path(args.corpus)
@@ -221,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="spam-eval-") as tmp:
         for n, (name, train, test) in enumerate(splits(samples, args.split)):
             print(f"{name}: train {len(train)}, test {len(test)}", flush=True)
-            rows.append((name, "Postroom", postroom_run(train, test)))
+            content, verdict = postroom_run(train, test,
+                                            Path(tmp) / f"verdict{n}" if args.verdict else None)
+            rows.append((name, "Postroom", content))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if verdict is not None:
+                rows.append((name, "Postroom verdict (content + own reputation)", verdict))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
             if use_sa:
                 rows.append((name, "SpamAssassin 4 + Bayes",
                              spamassassin_run(train, test, Path(tmp) / f"sa{n}",
