@@ -271,6 +271,9 @@ class Postroom:
         if self.delivery is not None:
             with contextlib.suppress(Exception):
                 await self.delivery.close()
+        if self.service.indexer is not None:  # queued index writes (IMAP) before it closes
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.service.indexer.settled(), 10)
         self.analysis.close()
         while self._opened:
             backend = self._opened.pop()

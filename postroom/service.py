@@ -803,11 +803,16 @@ class MailService:
         moved = await self.move(user, [message_id], trash.folder_id)
         return moved[0] if moved else None
 
-    async def expunge(self, user: User, message_ids: Sequence[str]) -> list[Expunged]:
+    async def expunge(self, user: User, message_ids: Sequence[str], *,
+                      index_later: bool = False) -> list[Expunged]:
+        """Remove messages for good. With index_later the search index hears of it after
+        this returns (see Indexer: searches still never see the message)."""
         removed = await self.metadata.expunge(user.user_id, message_ids)
         if removed:
             await self._changed(user.user_id)
-            if self.indexer is not None:
+            if self.indexer is not None and index_later:
+                self.indexer.later_removed(user.user_id, [g.message_id for g in removed])
+            elif self.indexer is not None:
                 await self.indexer.removed(user.user_id, [g.message_id for g in removed])
         for gone in removed:
             await self._publish(Event(MESSAGE_DELETED, user.user_id, gone.folder_id, gone.uid,
@@ -821,8 +826,11 @@ class MailService:
         raw: bytes,
         flags: Sequence[str] = (),
         internal_date: float | None = None,
+        *,
+        index_later: bool = False,
     ) -> MessageRecord:
-        """Store a message the user supplies (IMAP APPEND, drafts)."""
+        """Store a message the user supplies (IMAP APPEND, drafts). With index_later the
+        search index gets it after this returns (see Indexer: searches still find it)."""
         target = await self.get_folder(user, folder)
         try:
             parsed_flags = Flags.parse(list(flags))
@@ -830,7 +838,7 @@ class MailService:
             raise InvalidInput(str(exc)) from None
         self._check_size(raw)
         record, _ = await self._file(user, target, raw, parse_message(raw), parsed_flags,
-                                     internal_date, None)
+                                     internal_date, None, index_later=index_later)
         return record
 
     async def append_many(
@@ -882,6 +890,8 @@ class MailService:
                      cursor: str | None = None) -> SearchPage:
         """The user's messages matching a query (postroom.search.query), newest first or
         most relevant first, each with a highlighted snippet; BadQuery when malformed."""
+        if self.indexer is not None:
+            await self.indexer.settled()
         try:
             return await run_search(self, user, query, sort=sort, limit=limit, cursor=cursor)
         except QuerySyntaxError as exc:
@@ -891,6 +901,8 @@ class MailService:
                                 message_ids: Sequence[str]) -> set[str]:
         """Those of `message_ids` (records of the folder) that may satisfy an IMAP SEARCH
         text criterion: IMAP then checks only these, with RFC 3501 semantics."""
+        if self.indexer is not None:
+            await self.indexer.settled()
         return await narrow_candidates(self.search_index, user, folder_id, criterion,
                                        message_ids)
 
@@ -942,8 +954,10 @@ class MailService:
         remove: Sequence[str] = (),
         replace: Sequence[str] | None = None,
         unchanged_since: int | None = None,
+        index_later: bool = False,
     ) -> tuple[list[MessageRecord], list[str]]:
-        """Change flags as set_flags does, optionally only where modseq <= unchanged_since.
+        """Change flags as set_flags does, optionally only where modseq <= unchanged_since
+        (with index_later, the search index hears of it after this returns).
 
         Returns the changed records and the ids left alone because they were modified after
         unchanged_since (CONDSTORE's MODIFIED response code, RFC 7162 §3.1.3).
@@ -958,7 +972,9 @@ class MailService:
             user.user_id, message_ids, add=add_flags, remove=remove_flags,
             replace=replace_flags, unchanged_since=unchanged_since,
         )
-        if changed and self.indexer is not None:
+        if changed and self.indexer is not None and index_later:
+            self.indexer.later_changed(changed)
+        elif changed and self.indexer is not None:
             await self.indexer.changed(changed)
         modified: list[str] = []
         if unchanged_since is not None:
@@ -1297,6 +1313,8 @@ class MailService:
         flags: Flags,
         internal_date: float | None,
         delivery_key: str | None,
+        *,
+        index_later: bool = False,
     ) -> tuple[MessageRecord, bool]:
         digest = await self.blobs.put(raw)
         new = NewMessage(
@@ -1316,7 +1334,9 @@ class MailService:
             raise NotFoundError("no such folder") from None
         if created:
             await self._changed(user.user_id)
-            if self.indexer is not None:  # searchable before anyone hears of it
+            if self.indexer is not None and index_later:  # searches wait for the queue
+                self.indexer.later_added(record, raw, parsed)
+            elif self.indexer is not None:  # searchable before anyone hears of it
                 await self.indexer.added(record, raw, parsed)
             await self._publish(self._new_event(record))
         return record, created

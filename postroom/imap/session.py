@@ -978,7 +978,8 @@ class ImapSession:
         if len(data) > self.limits.max_literal:
             raise _no("message too large", "TOOBIG")
         try:
-            record = await self.service.append(self._user(), folder.folder_id, data, flags, when)
+            record = await self.service.append(self._user(), folder.folder_id, data, flags, when,
+                                               index_later=True)
         except InvalidInput as exc:
             raise _no(str(exc), "CANNOT") from None
         self.structures.keep_content(record.blob_hash, data)
@@ -1052,7 +1053,7 @@ class ImapSession:
             deleted = [r.message_id for u, r in selected.records.items()
                        if Flag.DELETED in r.flags and u not in selected.gone]
             if deleted:
-                await self.service.expunge(self._user(), deleted)
+                await self.service.expunge(self._user(), deleted, index_later=True)
         self.unselect()
         return "OK CLOSE completed"
 
@@ -1076,7 +1077,7 @@ class ImapSession:
                    if Flag.DELETED in r.flags and u not in selected.gone
                    and (wanted is None or u in wanted)]
         if deleted:
-            removed = await self.service.expunge(self._user(), deleted)
+            removed = await self.service.expunge(self._user(), deleted, index_later=True)
             here = selected.folder.folder_id
             selected.gone |= {g.uid for g in removed if g.folder_id == here}
             selected.own_modseqs([g.modseq for g in removed if g.folder_id == here])
@@ -1122,7 +1123,8 @@ class ImapSession:
             unseen = [selected.records[u].message_id for u in uids
                       if Flag.SEEN not in selected.records[u].flags and u not in selected.gone]
             if unseen:
-                changed, _ = await self.service.store_flags(user, unseen, add=["\\Seen"])
+                changed, _ = await self.service.store_flags(user, unseen, add=["\\Seen"],
+                                                            index_later=True)
                 for record in changed:
                     if record.uid in selected.records:
                         selected.records[record.uid] = record
@@ -1210,7 +1212,7 @@ class ImapSession:
                 add=flags if kind == "+FLAGS" else (),
                 remove=flags if kind == "-FLAGS" else (),
                 replace=flags if kind == "FLAGS" else None,
-                unchanged_since=unchanged_since,
+                unchanged_since=unchanged_since, index_later=True,
             )
         except InvalidInput as exc:
             raise _bad(str(exc)) from None

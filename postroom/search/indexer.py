@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from postroom.core.message import ParsedMessage, parse_message
 from postroom.core.models import MessageRecord
@@ -36,21 +37,93 @@ async def make_document(record: MessageRecord, raw: bytes,
 
 
 class Indexer:
+    """Writes to the search index after each change of the mail.
+
+    Most callers wait for their write (`added`, `changed`, `removed`, ...). IMAP's busy write
+    commands may instead queue it (`later_*`) and answer at once: queued writes are done in
+    order by one task, adjacent ones of a kind in one index call (so concurrent sessions'
+    writes share a transaction), and every read of the index (`settled`, awaited by
+    MailService's searches) and every write not queued first waits until the queue is
+    empty, so nothing is ever found in a state older than a change already answered. The
+    queue lives in memory: a crash loses what is in it, as it loses an index write between
+    the mail's commit and the index's (the index is derived data, and its commits are not
+    fsynced); IMAP SEARCH stays exact regardless, and `postroom search reindex` repairs it.
+    """
+
     def __init__(self, index: SearchIndex, blobs: BlobStore) -> None:
         self.index = index
         self.blobs = blobs
+        self._queue: list[_Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- queued writes (IMAP)
+
+    def later_added(self, record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> None:
+        self._enqueue(_Queued("index", record.user_id, [(record, raw, parsed)]))
+
+    def later_changed(self, records: Sequence[MessageRecord]) -> None:
+        if records:
+            self._enqueue(_Queued("update", records[0].user_id, list(records)))
+
+    def later_removed(self, user_id: str, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            self._enqueue(_Queued("remove", user_id, list(message_ids)))
+
+    async def settled(self) -> None:
+        """Return once every queued write is done (or has failed and been logged)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    def _enqueue(self, item: _Queued) -> None:
+        last = self._queue[-1] if self._queue else None
+        if last is not None and last.kind == item.kind \
+                and (item.kind == "index" or last.user_id == item.user_id):
+            last.items.extend(item.items)
+        else:
+            self._queue.append(item)
+        self._idle.clear()
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="search-index-queue")
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                item = self._queue.pop(0)
+                try:
+                    if item.kind == "index":
+                        await self.added_many(item.items, queued=True)
+                    elif item.kind == "update":
+                        await self.changed(item.items, queued=True)
+                    else:
+                        await self.removed(item.user_id, item.items, queued=True)
+                except Exception:  # each of those logs its own failures
+                    log.exception("queued search index write failed")
+        finally:
+            self._flusher = None
+            if self._queue:  # cancelled with work left (shutdown): nothing more will run it
+                self._queue.clear()
+            self._idle.set()
+
+    # -- writes the caller waits for
 
     async def added(self, record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> None:
+        await self.settled()
         try:
             await self.index.index([await make_document(record, raw, parsed)])
         except Exception:
             log.exception("indexing message %s failed", record.message_id)
 
     async def added_many(
-        self, messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage]]
+        self, messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage]],
+        queued: bool = False,
     ) -> None:
         """`added` for a batch of new records, in one index transaction. Copies of one message
         (the same bytes for several recipients) share one document build."""
+        if not queued:
+            await self.settled()
         try:
             built: dict[int, IndexDocument] = {}
             docs: list[IndexDocument] = []
@@ -72,6 +145,7 @@ class Indexer:
         """`added` for new records whose documents were built from their messages already
         (`search.document.document_template`, in an analysis process): each completed with
         its record's own fields, all in one index transaction."""
+        await self.settled()
         try:
             await self.index.index([for_record(template, record)
                                     for record, template in documents if template is not None])
@@ -79,6 +153,7 @@ class Indexer:
             log.exception("indexing %d new messages failed", len(documents))
 
     async def copied(self, records: Sequence[MessageRecord]) -> None:
+        await self.settled()
         for record in records:
             try:
                 if not await self.index.copy(record.user_id, record.blob_hash,
@@ -88,24 +163,40 @@ class Indexer:
             except Exception:
                 log.exception("indexing copy %s failed", record.message_id)
 
-    async def changed(self, records: Sequence[MessageRecord]) -> None:
+    async def changed(self, records: Sequence[MessageRecord], queued: bool = False) -> None:
         if not records:
             return
+        if not queued:
+            await self.settled()
         try:
             await self.index.update(records[0].user_id, [doc_state(r) for r in records])
         except Exception:
             log.exception("updating the search index failed")
 
-    async def removed(self, user_id: str, message_ids: Sequence[str]) -> None:
+    async def removed(self, user_id: str, message_ids: Sequence[str],
+                      queued: bool = False) -> None:
         if not message_ids:
             return
+        if not queued:
+            await self.settled()
         try:
             await self.index.remove(user_id, message_ids)
         except Exception:
             log.exception("removing from the search index failed")
 
     async def user_removed(self, user_id: str) -> None:
+        await self.settled()
         try:
             await self.index.remove_user(user_id)
         except Exception:
             log.exception("removing a user from the search index failed")
+
+
+@dataclasses.dataclass
+class _Queued:
+    """Adjacent queued writes of one kind: new messages (any user's), or one user's flag
+    and folder changes, or one user's removals."""
+
+    kind: str  # "index", "update" or "remove"
+    user_id: str
+    items: list[Any]

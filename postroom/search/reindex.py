@@ -39,6 +39,8 @@ async def reindex_user(service: MailService, user: User,
     index = service.search_index
     if index is None:
         raise RuntimeError("no search index configured")
+    if service.indexer is not None:
+        await service.indexer.settled()
     folders = await service.metadata.list_folders(user.user_id)
     records = []
     for folder in folders:

@@ -230,6 +230,23 @@ async def test_changes_show_in_search_at_once(node: Postroom, alice: User,
     assert report not in await node.search.indexed_ids(alice.user_id)
 
 
+async def test_queued_index_writes_are_never_seen_stale(node: Postroom, alice: User) -> None:
+    """IMAP's write commands queue their index writes (index_later) and answer at once; a
+    search made afterwards still sees every change, and writes not queued keep the order."""
+    s = node.service
+    one = await s.append(alice, "INBOX", raw("Queued one", body="zulu yankee"),
+                         index_later=True)
+    two = await s.append(alice, "INBOX", raw("Queued two", body="zulu xray"), index_later=True)
+    assert sorted(await found(s, alice, "zulu")) == sorted([one.message_id, two.message_id])
+    await s.store_flags(alice, [one.message_id], add=["\\Seen"], index_later=True)
+    assert await found(s, alice, "zulu is:read") == [one.message_id]
+    await s.expunge(alice, [one.message_id], index_later=True)
+    await s.set_flags(alice, [two.message_id], add=["\\Flagged"])  # waits for the queue
+    assert one.message_id not in await node.search.indexed_ids(alice.user_id)
+    assert await found(s, alice, "zulu is:starred") == [two.message_id]
+    assert await found(s, alice, "yankee") == []
+
+
 async def test_delivered_mail_is_findable_and_users_are_isolated(node: Postroom,
                                                                  alice: User) -> None:
     s = node.service
