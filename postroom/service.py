@@ -285,6 +285,22 @@ class AuthThrottle:
             self._failures.pop(key, None)
 
 
+def _sorted(flags: Flags) -> Flags:
+    """Keywords sorted and unique, as the metadata store keeps them."""
+    return Flags(flags.system, tuple(sorted(set(flags.keywords))))
+
+
+def _flags_after(flags: Flags, add: Flags | None, remove: Flags | None,
+                 replace: Flags | None) -> Flags:
+    """What a STORE does to a message's flags: replace, then add, then remove."""
+    out = _sorted(flags if replace is None else replace)
+    if add is not None:
+        out = out.union(add)
+    if remove is not None:
+        out = out.difference(remove)
+    return _sorted(out)
+
+
 class MailService:
     def __init__(
         self,
@@ -968,6 +984,14 @@ class MailService:
             replace_flags = Flags.parse(list(replace)) if replace is not None else None
         except FlagError as exc:
             raise InvalidInput(str(exc)) from None
+        if len(message_ids) == 1 and unchanged_since is None:
+            # A STORE that changes nothing (a client setting \Seen again) needs no write:
+            # on a fresh point read the message already has (or lacks) those flags, or is
+            # gone, so doing nothing is what the write would do at that instant.
+            current = await self.metadata.get_message(user.user_id, message_ids[0])
+            if current is None or _flags_after(current.flags, add_flags, remove_flags,
+                                               replace_flags) == _sorted(current.flags):
+                return [], []
         changed = await self.metadata.store_flags(
             user.user_id, message_ids, add=add_flags, remove=remove_flags,
             replace=replace_flags, unchanged_since=unchanged_since,
