@@ -339,6 +339,9 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async with Postroom(settings) as node:
+        if node.service.indexer is not None:  # index writes IMAP queued before a crash
+            node.service.indexer.use_journal(settings.data_dir / "search-queue.journal")
+            await node.service.indexer.recover(node.metadata)
         if "workers" in roles:
             await node.start_workers()
         listeners = await start_listeners(node, roles)

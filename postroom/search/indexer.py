@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from postroom.core.message import ParsedMessage, parse_message
 from postroom.core.models import MessageRecord
 from postroom.search.document import build_document, doc_state, for_record
 from postroom.store.blobs import BlobStore
+from postroom.store.metadata import MetadataStore
 from postroom.store.search import IndexDocument, SearchIndex
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,15 @@ class Indexer:
     order by one task, adjacent ones of a kind in one index call (so concurrent sessions'
     writes share a transaction), and every read of the index (`settled`, awaited by
     MailService's searches) and every write not queued first waits until the queue is
-    empty, so nothing is ever found in a state older than a change already answered. The
-    queue lives in memory: a crash loses what is in it, as it loses an index write between
-    the mail's commit and the index's (the index is derived data, and its commits are not
-    fsynced); IMAP SEARCH stays exact regardless, and `postroom search reindex` repairs it.
+    empty, so nothing is ever found in a state older than a change already answered.
+
+    With a journal (`use_journal`, set by `postroom serve`), each queued write is also
+    appended to a file in the data dir (one unbuffered write, no fsync: it survives the
+    process, as the index's own unsynced commits do) and the file is emptied whenever the
+    queue drains; `recover` replays what a killed process left there, from the mail's current
+    state, at the next start. Without one, a crash loses the queue's few milliseconds of index
+    writes, as it can lose the write between a mail commit and its index write; IMAP SEARCH
+    stays exact regardless, and `postroom search reindex` repairs the rest.
     """
 
     def __init__(self, index: SearchIndex, blobs: BlobStore) -> None:
@@ -57,18 +65,81 @@ class Indexer:
         self._flusher: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._journal_path: Path | None = None
+        self._journal: BinaryIO | None = None
+
+    # -- the journal of queued writes
+
+    def use_journal(self, path: Path) -> None:
+        self._journal_path = path
+
+    def _note(self, kind: str, user_id: str, message_ids: Sequence[str]) -> None:
+        if self._journal_path is None:
+            return
+        try:
+            if self._journal is None:
+                self._journal = open(self._journal_path, "ab", buffering=0)
+            self._journal.write(json.dumps([kind, user_id, list(message_ids)]).encode() + b"\n")
+        except OSError:
+            log.warning("cannot write the search queue journal %s", self._journal_path,
+                        exc_info=True)
+
+    def _forget_journal(self) -> None:
+        if self._journal is not None:
+            try:
+                self._journal.truncate(0)
+            except OSError:
+                log.warning("cannot empty the search queue journal", exc_info=True)
+
+    async def recover(self, metadata: MetadataStore) -> int:
+        """Redo the index writes a killed process had queued (from the mail's state now);
+        returns how many messages it looked at."""
+        path = self._journal_path
+        if path is None:
+            return 0
+        try:
+            lines = (await asyncio.to_thread(path.read_bytes)).splitlines()
+        except FileNotFoundError:
+            return 0
+        done = 0
+        for line in lines:
+            try:
+                kind, user_id, message_ids = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the crash: its write never got an answer
+            for message_id in message_ids:
+                done += 1
+                try:
+                    record = await metadata.get_message(user_id, message_id)
+                    if record is None or kind == "remove":
+                        if record is None:
+                            await self.index.remove(user_id, [message_id])
+                        continue
+                    raw = await self.blobs.get(record.blob_hash)
+                    await self.index.index([await make_document(record, raw)])
+                except Exception:
+                    log.exception("redoing the index write of %s failed", message_id)
+        self._forget_journal()
+        if self._journal is None:
+            await asyncio.to_thread(path.write_bytes, b"")
+        if done:
+            log.info("search index: redid %d queued write(s) a stopped process left", done)
+        return done
 
     # -- queued writes (IMAP)
 
     def later_added(self, record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> None:
+        self._note("index", record.user_id, [record.message_id])
         self._enqueue(_Queued("index", record.user_id, [(record, raw, parsed)]))
 
     def later_changed(self, records: Sequence[MessageRecord]) -> None:
         if records:
+            self._note("update", records[0].user_id, [r.message_id for r in records])
             self._enqueue(_Queued("update", records[0].user_id, list(records)))
 
     def later_removed(self, user_id: str, message_ids: Sequence[str]) -> None:
         if message_ids:
+            self._note("remove", user_id, message_ids)
             self._enqueue(_Queued("remove", user_id, list(message_ids)))
 
     async def settled(self) -> None:
@@ -103,8 +174,10 @@ class Indexer:
                     log.exception("queued search index write failed")
         finally:
             self._flusher = None
-            if self._queue:  # cancelled with work left (shutdown): nothing more will run it
+            if self._queue:  # cancelled with work left: the journal keeps it for `recover`
                 self._queue.clear()
+            else:
+                self._forget_journal()
             self._idle.set()
 
     # -- writes the caller waits for

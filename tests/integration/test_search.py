@@ -4,6 +4,8 @@ change, user isolation, malformed queries, import and reindex."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mailbox
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from postroom.core.models import Envelope, User
 from postroom.imap.parser import Cursor, RawCommand
 from postroom.imap.search import parse_program
 from postroom.search.imap import criterion
+from postroom.search.indexer import Indexer
 from postroom.search.reindex import read_maildir, read_mbox, reindex_user
 from postroom.service import BadQuery, InvalidInput, MailService
 
@@ -245,6 +248,50 @@ async def test_queued_index_writes_are_never_seen_stale(node: Postroom, alice: U
     assert one.message_id not in await node.search.indexed_ids(alice.user_id)
     assert await found(s, alice, "zulu is:starred") == [two.message_id]
     assert await found(s, alice, "yankee") == []
+
+
+async def test_queued_index_writes_survive_a_killed_process(
+        node: Postroom, alice: User, tmp_path: Path) -> None:
+    """The journal keeps queued index writes a killed process never made; the next start
+    redoes them from the mail's state, and a drained queue leaves the journal empty."""
+    s = node.service
+    assert s.indexer is not None
+    journal = tmp_path / "search-queue.journal"
+    s.indexer.use_journal(journal)
+    kept = await s.append(alice, "INBOX", raw("Journal kept", body="quebec one"),
+                          index_later=True)
+    gone = await s.append(alice, "INBOX", raw("Journal gone", body="quebec two"),
+                          index_later=True)
+    await s.indexer.settled()
+    assert journal.read_bytes() == b""  # drained: nothing to redo
+    assert sorted(await found(s, alice, "quebec")) == sorted([kept.message_id, gone.message_id])
+
+    # Three answered changes whose index writes are still queued when the process dies: the
+    # queue's writer is stuck (it never gets to run before the kill).
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    stuck = asyncio.create_task(never())
+    s.indexer._flusher = stuck
+    late = await s.append(alice, "INBOX", raw("Journal late", body="quebec three"),
+                          index_later=True)
+    await s.store_flags(alice, [kept.message_id], add=["\\Flagged"], index_later=True)
+    await s.expunge(alice, [gone.message_id], index_later=True)
+    assert len(journal.read_bytes().splitlines()) == 3
+    stuck.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stuck
+    assert late.message_id not in await node.search.indexed_ids(alice.user_id)
+
+    restarted = Indexer(node.search, node.blobs)  # the next process, same data dir
+    restarted.use_journal(journal)
+    assert await restarted.recover(node.metadata) == 3
+    assert journal.read_bytes() == b""
+    s.indexer = restarted
+    assert sorted(await found(s, alice, "quebec")) == sorted([kept.message_id, late.message_id])
+    assert await found(s, alice, "quebec is:starred") == [kept.message_id]
+    assert gone.message_id not in await node.search.indexed_ids(alice.user_id)
+    assert await restarted.recover(node.metadata) == 0  # nothing twice
 
 
 async def test_delivered_mail_is_findable_and_users_are_isolated(node: Postroom,
