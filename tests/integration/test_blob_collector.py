@@ -9,14 +9,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest_asyncio
 
 from postroom.app import Postroom
 from postroom.blob_collector import collect_blobs, find_unreleased, run_blob_collector
-from postroom.config import load_settings
 from postroom.core.models import Envelope, User
 from postroom.store.blobs import blob_hash
 from postroom.store.fs_blobs import FsBlobStore
@@ -26,21 +21,6 @@ RAW = (b"From: carol@remote.example\r\nTo: alice@example.test, bob@example.test\
        b"Subject: to be collected\r\nMessage-ID: <collect.1@remote.example>\r\n\r\n"
        b"Shared by two mailboxes.\r\n")
 BOTH = Envelope("carol@remote.example", ("alice@example.test", "bob@example.test"))
-
-
-@pytest_asyncio.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Postroom]:
-    settings = load_settings(None, data_dir=str(tmp_path / "data"), hostname="mx.example.test")
-    async with Postroom(settings) as n:
-        await n.service.add_domain("example.test")
-        yield n
-
-
-@pytest_asyncio.fixture
-async def users(node: Postroom) -> tuple[User, User]:
-    a = await node.service.add_user("alice@example.test", "alice-secret-1")
-    b = await node.service.add_user("bob@example.test", "bob-secret-22")
-    return a, b
 
 
 def stored(node: Postroom, digest: str) -> bool:

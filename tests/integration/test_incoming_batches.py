@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
-import pytest_asyncio
 
 from postroom.app import Postroom
 from postroom.blob_collector import collect_blobs
-from postroom.config import load_settings
 from postroom.core.models import Envelope, User
 from postroom.mailflow.incoming import (
     DeliverToMailboxes,
@@ -32,21 +29,6 @@ from postroom.service import DeliveryResult, Inbound
 from postroom.store.blobs import blob_hash
 from postroom.store.errors import NotFound
 from postroom.store.queue import INCOMING, QueueItem
-
-
-@pytest_asyncio.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Postroom]:
-    settings = load_settings(None, data_dir=str(tmp_path / "data"), hostname="mx.example.test")
-    async with Postroom(settings) as n:
-        await n.service.add_domain("example.test")
-        yield n
-
-
-@pytest_asyncio.fixture
-async def users(node: Postroom) -> tuple[User, User]:
-    a = await node.service.add_user("alice@example.test", "alice-secret-1")
-    b = await node.service.add_user("bob@example.test", "bob-secret-22")
-    return a, b
 
 
 def raw(n: int) -> bytes:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import mailbox
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -17,7 +16,6 @@ import pytest
 import pytest_asyncio
 
 from postroom.app import Postroom
-from postroom.config import load_settings
 from postroom.core.models import Envelope, User
 from postroom.imap.parser import Cursor, RawCommand
 from postroom.imap.search import parse_program
@@ -46,14 +44,6 @@ def raw(subject: str, *, sender: str = "Carol <carol@example.org>", to: str = "a
     if html:
         return (head + "Content-Type: text/html; charset=utf-8\r\n\r\n" + html + "\r\n").encode()
     return (head + "Content-Type: text/plain; charset=utf-8\r\n\r\n" + body + "\r\n").encode()
-
-
-@pytest_asyncio.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Postroom]:
-    settings = load_settings(None, data_dir=str(tmp_path / "data"), hostname="mx.example.test")
-    async with Postroom(settings) as n:
-        await n.service.add_domain("example.test")
-        yield n
 
 
 @pytest_asyncio.fixture

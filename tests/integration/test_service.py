@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 import pytest_asyncio
 
 from postroom.app import Postroom
-from postroom.config import load_settings
 from postroom.core.models import Envelope, FolderRole, User
 from postroom.service import (
     AuthFailed,
@@ -23,14 +19,6 @@ from postroom.service import (
 from postroom.store.events import MESSAGE_NEW
 from postroom.store.queue import INCOMING, OUTGOING
 from tests.corpus import messages
-
-
-@pytest_asyncio.fixture
-async def node(tmp_path: Path) -> AsyncIterator[Postroom]:
-    settings = load_settings(None, data_dir=str(tmp_path / "data"), hostname="mx.example.test")
-    async with Postroom(settings) as n:
-        await n.service.add_domain("example.test")
-        yield n
 
 
 @pytest_asyncio.fixture
