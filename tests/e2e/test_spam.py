@@ -1,12 +1,14 @@
 """Spam filtering end to end: a real server, real SMTP, dnsmasq as its DNS.
 
 Corpus spam lands in Junk and ham in INBOX; feedback (moving into Junk, reporting not-spam)
-changes the next verdict for the same sender; DMARC p=reject refuses at SMTP time; banned
+changes the next verdict for the same sender (REST and IMAP MOVE); a sender the user wrote to
+is trusted; DMARC p=reject refuses at SMTP time; banned
 senders are refused at RCPT; the outbound limit answers 451 4.7.1.
 """
 
 from __future__ import annotations
 
+import imaplib
 import re
 import smtplib
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ RECORDS = {
     "good.test": "v=spf1 ip4:127.0.0.1 -all",
     "forged.test": "v=spf1 ip4:192.0.2.1 -all",
     "_dmarc.forged.test": "v=DMARC1; p=reject",
+    "partner.test": "v=spf1 ip4:127.0.0.1 -all",
+    "weekly.test": "v=spf1 ip4:127.0.0.1 -all",
 }
 
 
@@ -105,6 +109,50 @@ def test_feedback_changes_the_next_verdict(server: ServerProcess) -> None:
         assert r.status_code in (200, 404), r.text  # moved before: its id may have changed
         send_mx(server, sender, BOB[0], with_subject(base, "feedback three"))
         wait_for_subject(bob, "feedback three", folder="INBOX")
+
+
+def imap_move(server: ServerProcess, user: tuple[str, str], subject: str, source: str,
+              target: str) -> None:
+    """Move the message with this subject as a mail client does (UID MOVE, RFC 6851)."""
+    with imaplib.IMAP4("127.0.0.1", server.imap_port) as imap:
+        imap.login(*user)
+        assert imap.select(source)[0] == "OK"
+        typ, data = imap.uid("SEARCH", "SUBJECT", f'"{subject}"')
+        assert typ == "OK" and data[0], f"{subject!r} is not in {source}"
+        assert imap.uid("MOVE", data[0].decode(), target)[0] == "OK"
+
+
+def test_feedback_over_imap_moves_changes_the_next_verdict(server: ServerProcess) -> None:
+    dana = ("dana@example.test", "dana-secret-333")
+    server.cli("user", "add", dana[0], "--password", dana[1])
+    base = pick("easy-ham-2", -2.5, -0.3)  # mildly hammy: one report must be able to flip it
+    sender = "digest@weekly.test"  # SPF passes for 127.0.0.1
+    with api(server, *dana) as client:
+        send_mx(server, sender, dana[0], with_subject(base, "imap feedback one"))
+        wait_for_subject(client, "imap feedback one", folder="INBOX")
+        imap_move(server, dana, "imap feedback one", "INBOX", "Junk")  # "this is spam"
+        send_mx(server, sender, dana[0], with_subject(base, "imap feedback two"))
+        wait_for_subject(client, "imap feedback two", folder="Junk")
+        imap_move(server, dana, "imap feedback two", "Junk", "INBOX")  # "not spam"
+        imap_move(server, dana, "imap feedback one", "Junk", "INBOX")
+        send_mx(server, sender, dana[0], with_subject(base, "imap feedback three"))
+        wait_for_subject(client, "imap feedback three", folder="INBOX")
+
+
+def test_a_sender_the_user_wrote_to_is_trusted(server: ServerProcess) -> None:
+    erin = ("erin@example.test", "erin-secret-4444")
+    server.cli("user", "add", erin[0], "--password", erin[1])
+    spammy = pick("spam-2", 2.0, 5.0)  # Junk on its own; a contact's -6 brings it under
+    with api(server, *erin) as client:
+        send_mx(server, "stranger@partner.test", erin[0], with_subject(spammy, "contact one"))
+        wait_for_subject(client, "contact one", folder="Junk")
+        r = client.post("/v1/messages", json={"to": ["partner@partner.test"],
+                                              "subject": "Our meeting", "text": "See you!"})
+        assert r.status_code in (200, 201, 202), r.text
+        send_mx(server, "partner@partner.test", erin[0], with_subject(spammy, "contact two"))
+        wait_for_subject(client, "contact two", folder="INBOX")  # erin wrote to them
+        send_mx(server, "stranger@partner.test", erin[0], with_subject(spammy, "contact three"))
+        wait_for_subject(client, "contact three", folder="Junk")  # the domain alone is not
 
 
 def test_dmarc_reject_policy_refused_at_smtp(server: ServerProcess) -> None:
