@@ -31,6 +31,7 @@ RECORDS = {
     "_dmarc.forged.test": "v=DMARC1; p=reject",
     "partner.test": "v=spf1 ip4:127.0.0.1 -all",
     "weekly.test": "v=spf1 ip4:127.0.0.1 -all",
+    "elsewhere.test": "v=spf1 ip4:192.0.2.9 -all",  # no DMARC: SPF fail only adds to the score
 }
 
 
@@ -153,6 +154,20 @@ def test_a_sender_the_user_wrote_to_is_trusted(server: ServerProcess) -> None:
         wait_for_subject(client, "contact two", folder="INBOX")  # erin wrote to them
         send_mx(server, "stranger@partner.test", erin[0], with_subject(spammy, "contact three"))
         wait_for_subject(client, "contact three", folder="Junk")  # the domain alone is not
+
+
+def test_clearly_bad_mail_is_refused_at_smtp(server: ServerProcess) -> None:
+    """Content score at the ±15 clip plus an SPF fail reaches reject_threshold (15): 550."""
+    worst = with_subject(pick("spam-2", 15.0, 999.0), "clearly bad")
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+        s.ehlo("client.remote.test")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.sendmail("promo@elsewhere.test", [ALICE[0]], worst)
+    assert refused.value.smtp_code == 550 and b"5.7.1" in refused.value.smtp_error
+    with api(server, *ALICE) as alice:  # stored nowhere
+        for folder in ("INBOX", "Junk"):
+            page = alice.get(f"/v1/folders/{folder}/messages", params={"limit": 500}).json()
+            assert all(m["subject"] != "clearly bad" for m in page["messages"])
 
 
 def test_dmarc_reject_policy_refused_at_smtp(server: ServerProcess) -> None:
