@@ -111,3 +111,20 @@ async def test_dnsbl(dns_port: int) -> None:
     resolver = make_async_resolver([f"127.0.0.1:{dns_port}"], 3.0)
     assert await listed_in(resolver, "127.0.0.2", ["bl.test", "other.test"]) == ["bl.test"]
     assert await listed_in(resolver, "127.0.0.3", ["bl.test"]) == []
+
+
+def test_arc_chain_pass_tampered_fail_and_none(dns_port: int) -> None:
+    """A forwarder (good.test) seals what it saw with ARC (RFC 8617); the seal verifies through
+    the DNS, a body changed after it fails, and mail without a seal has none."""
+    a = auth(dns_port)
+    seen = (b"Authentication-Results: relay.good.test; spf=pass smtp.mailfrom=x@origin.test\r\n"
+            + message("x@origin.test"))
+    sealed = b"".join(dkim.arc_sign(seen, b"sel", b"good.test", PRIVATE, b"relay.good.test",
+                                    include_headers=[b"from", b"to", b"subject", b"date"]))
+    forwarded = sealed + seen
+    assert a.check(forwarded, "127.0.0.1", "x@good.test", "relay.good.test").arc == "pass"
+    result = a.check(forwarded.replace(b"Hello there.", b"Hello thief."), "127.0.0.1",
+                     "x@good.test", "relay.good.test")
+    assert result.arc == "fail"
+    assert "arc=fail" in result.header("mx.example.test")
+    assert a.check(message("x@good.test"), "127.0.0.1", "x@good.test", "h").arc == "none"
