@@ -181,6 +181,33 @@ def test_dmarc_reject_policy_refused_at_smtp(server: ServerProcess) -> None:
     assert b"5.7.1" in refused.value.smtp_error and b"DMARC" in refused.value.smtp_error
 
 
+def test_dmarc_reject_policy_filed_to_junk_when_configured(tmp_path: Path) -> None:
+    """`[spam] dmarc_reject = "junk"`: the failing message is taken and filed to Junk, with
+    the reasons in its headers."""
+    with dnsmasq(tmp_path, RECORDS) as dns_port:
+        srv = ServerProcess(tmp_path / "data", env={
+            "POSTROOM_DNS__SERVERS": f"127.0.0.1:{dns_port}",
+            "POSTROOM_SPAM__TRUSTED_NETWORKS": "",
+            "POSTROOM_SPAM__DMARC_REJECT": "junk",
+        })
+        srv.cli("domain", "add", "example.test")
+        srv.cli("user", "add", ALICE[0], "--password", ALICE[1])
+        srv.start()
+        try:
+            raw = (b"From: CEO <ceo@forged.test>\r\nTo: alice@example.test\r\n"
+                   b"Subject: wire money now\r\nMessage-ID: <2@forged.test>\r\n\r\n"
+                   b"Please wire the money today.\r\n")
+            send_mx(srv, "ceo@forged.test", ALICE[0], raw)  # taken: no 550 this time
+            with api(srv, *ALICE) as alice:
+                junk = wait_for_subject(alice, "wire money now", folder="Junk")
+                stored = alice.get(f"/v1/messages/{junk['id']}/raw").content
+            assert b"dmarc=fail (p=reject) header.from=forged.test" in stored
+            assert re.search(rb"\r\nX-Spam-Score: -?\d+\.\d+\r\n", stored)
+            assert b"\r\nX-Spam-Status: Yes, score=" in stored
+        finally:
+            srv.stop()
+
+
 def test_banned_senders_refused_at_rcpt(server: ServerProcess) -> None:
     server.cli("spam", "block", "spammer.test")
     assert "block\tspammer.test" in server.cli("spam", "lists").stdout
