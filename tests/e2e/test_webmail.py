@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import imaplib
 import re
+import smtplib
 import time
 import uuid
 from collections.abc import Iterator
@@ -459,6 +460,45 @@ def test_the_list_pages_through_a_big_folder(server: ServerProcess, browser: Bro
         expect(page.locator("#list-end")).to_have_text(f"{count} messages")
         expect(rows).to_have_count(count)
         expect(rows.last).to_contain_text("Paged message 000")  # newest first, to the oldest
+        assert reader.errors == [] and reader.remote == []
+    finally:
+        reader.close()
+
+
+def test_reply_all_and_forward_fill_the_form(server: ServerProcess, browser: Browser) -> None:
+    subject = f"Plans {uuid.uuid4().hex[:6]}"
+    raw = (f"From: Carol Jones <carol@example.org>\r\nTo: {ALICE}, Dave Lee <dave@example.net>"
+           f"\r\nCc: erin@example.org\r\nSubject: {subject}\r\n"
+           f"Message-ID: <{uuid.uuid4().hex}@example.org>\r\n\r\nShall we meet at noon?\r\n")
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as smtp:
+        smtp.sendmail("carol@example.org", [ALICE], raw.encode())
+    find(server, ALICE, ALICE_PW, subject)
+    reader = Guarded(browser, server, viewport={"width": 1280, "height": 800})
+    try:
+        page = reader.sign_in(ALICE, ALICE_PW)
+        page.locator("#list .row", has_text=subject).click()
+        expect(page.locator("#open-message")).to_contain_text("Shall we meet at noon?")
+
+        page.keyboard.press("a")  # reply all: everyone but me, Cc kept
+        expect(page.locator("#compose")).to_be_visible()
+        to = page.locator("#c-to")
+        expect(to).to_have_value(re.compile(r"carol@example\.org.*dave@example\.net"))
+        expect(to).not_to_have_value(re.compile(re.escape(ALICE)))
+        expect(page.locator("#c-cc")).to_have_value("erin@example.org")
+        expect(page.locator("#c-subject")).to_have_value(f"Re: {subject}")
+        expect(page.locator("#c-body")).to_have_value(re.compile(r"> Shall we meet at noon\?"))
+        page.get_by_role("button", name="Discard").click()
+        expect(page.locator("#compose")).to_be_hidden()
+
+        page.keyboard.press("f")  # forward: nobody yet, the original quoted below
+        expect(page.locator("#compose")).to_be_visible()
+        expect(page.locator("#c-to")).to_have_value("")
+        expect(page.locator("#c-to")).to_be_focused()
+        expect(page.locator("#c-subject")).to_have_value(f"Fwd: {subject}")
+        body = page.locator("#c-body")
+        expect(body).to_have_value(re.compile(r"-+ Forwarded message -+\nFrom: Carol Jones"))
+        expect(body).to_have_value(re.compile(r"Shall we meet at noon\?"))
+        page.get_by_role("button", name="Discard").click()
         assert reader.errors == [] and reader.remote == []
     finally:
         reader.close()
