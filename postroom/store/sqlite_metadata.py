@@ -256,6 +256,20 @@ def _next_uidvalidities(conn: sqlite3.Connection, user_id: str, count: int) -> l
     return values
 
 
+def _wal_mode(conn: sqlite3.Connection) -> str:
+    """Switch the file to WAL, waiting while other nodes opening it at the same moment hold
+    it: SQLite may answer a journal-mode change with "database is locked" at once, without
+    waiting out busy_timeout (it does not wait where waiting could deadlock)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _add_blob_refs(conn: sqlite3.Connection, hashes: Iterable[str]) -> None:
     conn.executemany(
         "INSERT INTO blob_refs (blob_hash, refcount) VALUES (?, ?)"
@@ -442,7 +456,7 @@ class SqliteMetadataStore:
     def _open_writer(self) -> None:
         conn = self._connect()
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal_mode(conn)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.path}: cannot use WAL mode (got {mode})")
             # migrate at start-up: each missing step in its own write transaction
