@@ -344,6 +344,9 @@ def test_phone_width_and_dark_theme(server: ServerProcess, browser: Browser) -> 
         page.locator("#list .row").first.click()
         expect(page.locator("#reader")).to_be_visible()
         expect(page.locator("#list-pane")).to_be_hidden()
+        sender = page.locator("#open-message .msg-head .who").last  # who wrote it, on a phone too
+        expect(sender).to_be_visible()
+        expect(sender).to_contain_text("@")
         alice.shot("phone-reading")
         page.get_by_role("button", name="Back to the list").click()
         expect(page.locator("#list-pane")).to_be_visible()
