@@ -286,6 +286,16 @@ def table(rows: list[tuple[str, str, Metrics]]) -> str:
     return "\n".join(lines)
 
 
+def corpus_directory(given: str | None) -> Path:
+    """The corpus directory given, else the test suite's cache (fetched when missing)."""
+    if given:
+        return Path(given)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.corpus import corpus_dir
+
+    return corpus_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", help="corpus directory (default: the test suite's cache)")
@@ -294,13 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verdict", action="store_true",
                         help="also the whole verdict with the service's own sender reputation")
     args = parser.parse_args(argv)
-    if args.corpus:
-        directory = Path(args.corpus)
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tests.corpus import corpus_dir
-
-        directory = corpus_dir()
+    directory = corpus_directory(args.corpus)
     samples = list(corpus.load(directory))
     print(f"corpus: {len(samples)} messages from {directory}", flush=True)
     use_sa = not args.no_spamassassin and spamassassin_available()

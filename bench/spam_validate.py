@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 from pathlib import Path
 
-from bench.spam_eval import metrics, verdict_scores
+from bench.spam_eval import corpus_directory, metrics, verdict_scores
 from postroom.core.message import parse_message
 from postroom.spam import corpus
 from postroom.spam.classifier import train as train_model
@@ -50,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verdict", action="store_true",
                         help="also the whole verdict with the service's own sender reputation")
     args = parser.parse_args(argv)
-    if args.corpus:
-        directory = Path(args.corpus)
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from tests.corpus import corpus_dir
-
-        directory = corpus_dir()
+    directory = corpus_directory(args.corpus)
     samples = list(corpus.load(directory, SET1))
     for share in (0.7, 0.5) if not args.verdict else (0.6, 0.7, 0.8, 0.5):
         train, valid = time_split(samples, share)

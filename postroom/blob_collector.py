@@ -42,7 +42,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from postroom.store.blobs import BlobStore
+from postroom.store.blobs import DIGEST, BlobStore
 from postroom.store.metadata import MetadataStore
 from postroom.store.queue import HELD, INCOMING, OUTGOING, Queue, QueueItem
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_TOPICS = (INCOMING, OUTGOING, HELD)
 BATCH = 1000  # candidates per run
-_DIGEST = re.compile(rb"[0-9a-f]{64}")
+_DIGEST = re.compile(DIGEST.pattern.encode())  # found in queue payloads, as bytes
 
 
 @dataclass(slots=True)
@@ -155,6 +155,22 @@ async def collect_blobs(metadata: MetadataStore, blobs: BlobStore, queue: Queue,
     return report
 
 
+async def collect_backlog(metadata: MetadataStore, blobs: BlobStore, queue: Queue, *,
+                          grace: float, settle: float, released_before: float | None = None,
+                          stop: asyncio.Event | None = None) -> list[CollectionReport]:
+    """Collection runs of `BATCH` candidates while a full batch keeps making progress (a long
+    backlog); one run when there is little to do."""
+    reports: list[CollectionReport] = []
+    while stop is None or not stop.is_set():
+        report = await collect_blobs(metadata, blobs, queue, grace=grace, settle=settle,
+                                     limit=BATCH, released_before=released_before)
+        reports.append(report)
+        if report.examined < BATCH or not (report.collected + report.referenced
+                                           + report.missing):
+            break
+    return reports
+
+
 async def find_unreleased(metadata: MetadataStore, blobs: BlobStore, *,
                           grace: float = 3600.0) -> int:
     """Scan the whole blob store for bytes no message row names and that were not put for
@@ -188,11 +204,7 @@ async def run_blob_collector(metadata: MetadataStore, blobs: BlobStore, queue: Q
         except TimeoutError:
             pass
         try:
-            while not stop.is_set():
-                report = await collect_blobs(metadata, blobs, queue, grace=grace,
-                                             settle=settle, limit=BATCH)
-                done = report.collected + report.referenced + report.missing
-                if report.examined < BATCH or not done:
-                    break  # else a long backlog that moves: keep going
+            await collect_backlog(metadata, blobs, queue, grace=grace, settle=settle,
+                                  stop=stop)
         except Exception:
             log.exception("blob collection failed; trying again in %.0f s", interval)

@@ -233,7 +233,7 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
     elif cmd == "blobs":
         import time
 
-        from postroom.blob_collector import collect_blobs, find_unreleased
+        from postroom.blob_collector import collect_backlog, find_unreleased
 
         grace = node.settings.storage.blob_grace if args.grace is None else args.grace
         released_before = None
@@ -241,18 +241,13 @@ async def manage(args: argparse.Namespace, node: Postroom) -> int:
             released_before = time.time() + 1
             print(f"scan: {await find_unreleased(node.metadata, node.blobs, grace=grace)} "
                   "blob(s) named by no message")
-        total = 0
-        while True:
-            report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=grace,
-                                         settle=args.settle, released_before=released_before)
-            total += report.collected
+        reports = await collect_backlog(node.metadata, node.blobs, node.queue, grace=grace,
+                                        settle=args.settle, released_before=released_before)
+        for report in reports:
             print(f"examined {report.examined}: deleted {report.collected}, referenced again "
                   f"{report.referenced}, queued {report.queued}, put lately {report.recent}, "
                   f"already gone {report.missing}")
-            if not (report.collected + report.referenced + report.missing) or \
-                    report.examined < 1000:
-                break
-        print(f"{total} blob(s) deleted")
+        print(f"{sum(r.collected for r in reports)} blob(s) deleted")
     return 0
 
 

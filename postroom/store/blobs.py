@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
+DIGEST = re.compile(r"[0-9a-f]{64}")  # a blob's name: the lower-case sha256 hex digest
 
 
 def blob_hash(data: bytes) -> str:
@@ -19,7 +19,7 @@ def check_digest(digest: str) -> str:
 
     A digest becomes a file path or an object key: nothing else may get near the storage.
     """
-    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+    if not isinstance(digest, str) or DIGEST.fullmatch(digest) is None:
         raise ValueError(f"not a sha256 hex digest: {digest!r}")
     return digest
 

@@ -16,24 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import tempfile
 import time
 from collections.abc import AsyncIterator
 
-from postroom.store.blobs import blob_hash
+from postroom.store.blobs import DIGEST, blob_hash, check_digest
 from postroom.store.errors import NotFound
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 _TEMP_PREFIX = ".tmp-"
 _QUARANTINE = "quarantine"  # blobs the collector moved aside (not a two-hex fan-out name)
-
-
-def _check_digest(digest: str) -> str:
-    # The digest becomes a path: only the exact sha256 hex form may get near the file system.
-    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
-        raise ValueError(f"not a sha256 hex digest: {digest!r}")
-    return digest
 
 
 def _list_dir(path: str) -> list[str]:
@@ -59,7 +50,7 @@ class FsBlobStore:
 
     def path_of(self, digest: str) -> str:
         """Where the blob with this digest lives (whether or not it exists)."""
-        _check_digest(digest)
+        check_digest(digest)
         return os.path.join(self.root, digest[0:2], digest[2:4], digest)
 
     async def open(self) -> None:
@@ -74,7 +65,7 @@ class FsBlobStore:
         return digest
 
     def quarantine_path_of(self, digest: str) -> str:
-        _check_digest(digest)
+        check_digest(digest)
         return os.path.join(self.root, _QUARANTINE, digest)
 
     async def get(self, digest: str) -> bytes:
@@ -121,7 +112,7 @@ class FsBlobStore:
     def _old_blobs(directory: str, before: float) -> list[str]:
         found = []
         for name in _list_dir(directory):
-            if _DIGEST.fullmatch(name) is None:
+            if DIGEST.fullmatch(name) is None:
                 continue  # a temporary file of a put in progress
             try:
                 if os.stat(os.path.join(directory, name)).st_mtime < before:

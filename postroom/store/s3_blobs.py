@@ -35,11 +35,10 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from postroom.store.blobs import blob_hash, check_digest
+from postroom.store.blobs import DIGEST, blob_hash, check_digest
 from postroom.store.errors import NotFound, StoreError
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 _QUARANTINE = "quarantine/"  # blobs the collector moved aside
 _REFRESH_AFTER = 60.0  # seconds: a put of an older object uploads it again (a new put time)
 # S3 bucket naming rules (the common subset every implementation accepts).
@@ -210,7 +209,7 @@ class S3BlobStore:
                 for entry in page.get("Contents", []):
                     digest = str(entry["Key"])[len(self.prefix):]
                     modified = entry.get("LastModified")
-                    if _DIGEST.fullmatch(digest) is None or not isinstance(
+                    if DIGEST.fullmatch(digest) is None or not isinstance(
                             modified, datetime.datetime) or modified.timestamp() >= before:
                         continue  # quarantined (another "directory"), foreign or recent
                     yield digest
