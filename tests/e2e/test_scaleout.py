@@ -2,13 +2,15 @@
 (SeaweedFS, blobs), NATS JetStream (queues) and Redis (cache and events).
 
 Node A runs every role; node B runs `--roles http,imap,pop3,workers` (no SMTP). Mail taken in
-over SMTP by A is listed over the API on B, wakes an IMAP IDLE on B, and when A is killed with
+over SMTP by A is listed over the API on B, wakes an IMAP IDLE on B, reaches a push (WebSocket)
+client on B, and when A is killed with
 SIGKILL in the middle of a stream of messages, nothing it answered 250 for is lost: B's workers
 drain the queue (items A had taken come back when their lease runs out).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -220,6 +222,41 @@ def test_store_and_move_on_a_are_listed_by_b_at_once(cluster: Cluster) -> None:
         raw.ok("LOGOUT")
 
 
+def test_push_on_b_hears_of_changes_made_on_a(cluster: Cluster) -> None:
+    """A webmail page connected to node B gets `message.new` for mail taken in by A, and the
+    `message.flags` of a change made through A's API: the push channel rides the event bus."""
+    from websockets.sync.client import connect
+
+    node_a, node_b = cluster.node_a, cluster.node_b
+    token = httpx.post(f"{node_b.base_url}/v1/auth/token", auth=(ALICE, PASSWORD_A),
+                       timeout=30).json()["token"]
+    url = f"ws://127.0.0.1:{node_b.http_port}/v1/events"
+    subject = f"pushed across {uuid.uuid4().hex[:6]}"
+
+    def frames_until(ws: Any, want: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no such frame on node B"
+            frame: dict[str, Any] = json.loads(ws.recv(timeout=remaining))
+            if want(frame):
+                return frame
+
+    with connect(url, subprotocols=["postroom.v1", f"bearer.{token}"]) as ws:  # type: ignore[list-item]
+        frames_until(ws, lambda f: f["type"] == "ready")
+        with smtplib.SMTP("127.0.0.1", node_a.smtp_port, timeout=30) as smtp:
+            smtp.sendmail("carol@example.org", [ALICE], _message(subject))
+        new = frames_until(ws, lambda f: f["type"] == "message.new"
+                           and (f.get("message") or {}).get("subject") == subject)
+        with httpx.Client(base_url=node_a.base_url, auth=(ALICE, PASSWORD_A),
+                          timeout=30) as api_a:
+            r = api_a.patch(f"/v1/messages/{new['message_id']}", json={"flagged": True})
+            assert r.status_code == 200, r.text
+        flags = frames_until(ws, lambda f: f["type"] == "message.flags"
+                             and f["message_id"] == new["message_id"])
+        assert flags["flagged"] is True
+
+
 def test_killing_node_a_mid_stream_loses_nothing_acknowledged(cluster: Cluster) -> None:
     """Senders stream messages into A; A is SIGKILLed after a while. Every message that got
     250 must reach the mailbox exactly once, through B's workers."""
@@ -273,3 +310,4 @@ def test_killing_node_a_mid_stream_loses_nothing_acknowledged(cluster: Cluster) 
     assert not missing, f"{len(missing)} acknowledged messages lost: {sorted(missing)[:5]}"
     duplicates = {s for s in stream if stream.count(s) > 1}
     assert not duplicates, f"delivered twice: {sorted(duplicates)[:5]}"
+
