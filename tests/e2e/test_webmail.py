@@ -505,3 +505,58 @@ def test_reply_all_and_forward_fill_the_form(server: ServerProcess, browser: Bro
         assert reader.errors == [] and reader.remote == []
     finally:
         reader.close()
+
+
+def test_conversation_view_and_the_remaining_shortcuts(
+        server: ServerProcess, browser: Browser) -> None:
+    """A thread opens as one conversation; u marks unread, # deletes to Trash, / goes to the
+    search box, c composes."""
+    tag = uuid.uuid4().hex[:6]
+    first_id = f"<first.{tag}@example.org>"
+    msgs = [
+        (f"Lunch plans {tag}", first_id, "", "Noon at the usual place?"),
+        (f"Re: Lunch plans {tag}", f"<second.{tag}@example.org>",
+         f"In-Reply-To: {first_id}\r\nReferences: {first_id}\r\n", "Make it half past."),
+    ]
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as smtp:
+        for subject, message_id, extra, body in msgs:
+            raw = (f"From: Carol Jones <carol@example.org>\r\nTo: {ALICE}\r\n"
+                   f"Subject: {subject}\r\nMessage-ID: {message_id}\r\n{extra}\r\n{body}\r\n")
+            smtp.sendmail("carol@example.org", [ALICE], raw.encode())
+    for subject, *_ in msgs:
+        find(server, ALICE, ALICE_PW, subject)
+    reader = Guarded(browser, server, viewport={"width": 1280, "height": 800})
+    try:
+        page = reader.sign_in(ALICE, ALICE_PW)
+        row = page.locator("#list .row", has_text=f"Re: Lunch plans {tag}")
+        row.click()
+        thread = page.locator("#thread article")
+        expect(thread).to_have_count(2)  # both messages of the conversation, in order
+        expect(thread.first).to_contain_text("Carol Jones")
+        expect(thread.last).to_contain_text("Make it half past.")
+        expect(row).not_to_have_class(re.compile(r"\bunread\b"))
+
+        page.locator("#list").focus()
+        page.keyboard.press("u")
+        expect(row).to_have_class(re.compile(r"\bunread\b"))
+        assert find(server, ALICE, ALICE_PW, f"Re: Lunch plans {tag}")["seen"] is False
+
+        page.keyboard.press("#")
+        expect(page.locator("#list .row", has_text=f"Re: Lunch plans {tag}")).to_have_count(0)
+        deadline = time.monotonic() + 10
+        while find(server, ALICE, ALICE_PW, f"Re: Lunch plans {tag}")["role"] != "trash":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+        page.locator("#list").focus()
+        page.keyboard.press("/")
+        expect(page.get_by_label("Search mail")).to_be_focused()
+        page.keyboard.press("Escape")
+        page.locator("#list").focus()
+        page.keyboard.press("c")
+        expect(page.locator("#compose")).to_be_visible()
+        expect(page.locator("#compose-title")).to_have_text("New message")
+        page.get_by_role("button", name="Discard").click()
+        assert not reader.errors and not reader.remote
+    finally:
+        reader.close()
