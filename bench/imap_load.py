@@ -247,12 +247,22 @@ async def idle_rss(target: Target, count: int) -> tuple[int, int, float]:
 
 # ------------------------------------------------------------------------------ servers
 
-def start_postroom(work: Path, users: int) -> tuple[subprocess.Popen[bytes], Target]:
+def start_postroom(
+    work: Path, users: int, nodes: int = 1
+) -> tuple[list[subprocess.Popen[bytes]], Target]:
+    """One node, or `nodes` nodes on one data dir (SQLite + files) sharing the IMAP port
+    (SO_REUSEPORT), with events and cache on the machine's Redis under a prefix of the run."""
     data = work / "postroom"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env["POSTROOM_IMAP__CONNECTIONS_PER_USER"] = "100000"
     env["POSTROOM_IMAP__COMMANDS_PER_SECOND"] = "100000"
     env.update(scaleout.ACTIVE)  # --scale: the scale-out engines
+    if nodes > 1:
+        env["POSTROOM_IMAP__REUSE_PORT"] = "true"
+        if not scaleout.ACTIVE:
+            prefix = f"imapbench_{os.getpid()}_{time.time_ns()}:"
+            env["POSTROOM_STORAGE__EVENTS"] = f"{scaleout.REDIS}?prefix={prefix}"
+            env["POSTROOM_STORAGE__CACHE"] = f"{scaleout.REDIS}?prefix={prefix}"
     cli = [sys.executable, "-m", "postroom.cli", "--data-dir", str(data)]
     subprocess.run([*cli, "domain", "add", DOMAIN], check=True, env=env, capture_output=True)
     names = [f"user{i}@{DOMAIN}" for i in range(users)]
@@ -263,11 +273,17 @@ def start_postroom(work: Path, users: int) -> tuple[subprocess.Popen[bytes], Tar
     flags = []
     for listener in ("smtp", "submission", "submissions", "imaps", "pop3", "pop3s"):
         flags += [f"--{listener}", f"127.0.0.1:{free_port()}"]
-    proc = subprocess.Popen(
+    procs = [subprocess.Popen(
         [*cli, "serve", "--http", f"127.0.0.1:{free_port()}", "--imap", f"127.0.0.1:{port}",
-         *flags], env=env, stdout=subprocess.DEVNULL, stderr=open(work / "postroom.log", "wb"))
+         *flags], env=env, stdout=subprocess.DEVNULL, stderr=open(work / "postroom.log", "wb"))]
     wait_port(port)
-    return proc, Target("Postroom", port, lambda: [proc.pid], names)
+    for n in range(2, nodes + 1):
+        procs.append(subprocess.Popen(
+            [*cli, "serve", "--roles", "imap", "--imap", f"127.0.0.1:{port}"], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(work / f"postroom-{n}.log", "wb")))
+    if nodes > 1:
+        time.sleep(3)  # the other nodes open the same files and join the port
+    return procs, Target("Postroom", port, lambda: [p.pid for p in procs], names)
 
 
 def have_dovecot() -> bool:
@@ -363,8 +379,10 @@ async def run_all(args: argparse.Namespace) -> None:
         os.chmod(work, 0o755)
         if args.scale:
             engines.enter_context(scaleout.engines(work))
-        print(f"Postroom on {scaleout.describe()} engines", flush=True)
-        proc, ours = start_postroom(work, args.users)
+        print(f"Postroom on {scaleout.describe()} engines"
+              + (f", {args.nodes} nodes sharing the IMAP port" if args.nodes > 1 else ""),
+              flush=True)
+        procs, ours = start_postroom(work, args.users, args.nodes)
         dv_conf: Path | None = None
         anchor: Target | None = None
         try:
@@ -395,11 +413,13 @@ async def run_all(args: argparse.Namespace) -> None:
                       f"({(during - before) / args.idle:.1f} KiB per connection); "
                       f"an APPEND woke an IDLE in {woke * 1000:.1f} ms")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
             if dv_conf is not None:
                 await asyncio.to_thread(subprocess.run, ["doveadm", "-c", str(dv_conf), "stop"],
                                         capture_output=True)
@@ -412,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-u", "--users", type=int, default=10)
     parser.add_argument("--idle", type=int, default=10000, help="IDLE connections (0: skip)")
     parser.add_argument("--no-anchor", action="store_true", help="skip Dovecot")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="Postroom nodes on one data dir sharing the IMAP port (events and"
+                             " cache on Redis)")
     parser.add_argument("--scale", action="store_true",
                         help="Postroom on PostgreSQL + S3 + NATS + Redis (bench/scaleout.py)")
     args = parser.parse_args(argv)

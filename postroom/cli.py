@@ -335,7 +335,7 @@ async def serve(settings: Settings) -> int:
 
     async with Postroom(settings) as node:
         if node.service.indexer is not None:  # index writes IMAP queued before a crash
-            node.service.indexer.use_journal(settings.data_dir / "search-queue.journal")
+            node.service.indexer.claim_journal(settings.data_dir)
             await node.service.indexer.recover(node.metadata)
         if "workers" in roles:
             await node.start_workers()

@@ -119,6 +119,9 @@ class ImapSettings(BaseModel):
     idle_timeout: float = 1800.0  # RFC 3501 §5.4: at least 30 minutes; IDLE is exempt
     connections_per_user: int = 50
     max_connections: int = 20000
+    # SO_REUSEPORT: several nodes on one machine listen on the same IMAP port and the kernel
+    # spreads the connections over them (their events and cache then go through Redis)
+    reuse_port: bool = False
 
 
 class Pop3Settings(BaseModel):

@@ -61,7 +61,7 @@ async def start_imap(node: Postroom, address: str, *, implicit_tls: bool) -> asy
         handle, host, port, limit=max(imap.max_line_length, 65536) + 1024,
         ssl=context if implicit_tls else None,
         ssl_handshake_timeout=30 if implicit_tls else None,
-        reuse_address=True, backlog=4096,
+        reuse_address=True, reuse_port=imap.reuse_port or None, backlog=4096,
     )
     log.info("IMAP%s listening on %s:%d", "S" if implicit_tls else "", host, port)
     return server

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import json
 import logging
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ class Indexer:
     MailService's searches) and every write not queued first waits until the queue is
     empty, so nothing is ever found in a state older than a change already answered.
 
-    With a journal (`use_journal`, set by `postroom serve`), each queued write is also
+    With a journal (`claim_journal`, by `postroom serve`), each queued write is also
     appended to a file in the data dir (one unbuffered write, no fsync: it survives the
     process, as the index's own unsynced commits do) and the file is emptied whenever the
     queue drains; `recover` replays what a killed process left there, from the mail's current
@@ -72,6 +73,23 @@ class Indexer:
 
     def use_journal(self, path: Path) -> None:
         self._journal_path = path
+
+    def claim_journal(self, directory: Path, stem: str = "search-queue") -> Path:
+        """Use the first journal in `directory` that no running process holds (an exclusive
+        flock, kept while this process lives): STEM.journal, then STEM.2.journal, ... So
+        several nodes on one data dir each keep their own, and a node started after a crash
+        takes over (and `recover`s) a journal whose process is gone."""
+        for n in range(1, 1000):
+            path = directory / (f"{stem}.journal" if n == 1 else f"{stem}.{n}.journal")
+            handle = open(path, "ab", buffering=0)  # kept open: it holds the lock
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            self._journal_path, self._journal = path, handle
+            return path
+        raise OSError(f"no free search queue journal in {directory}")
 
     def _note(self, kind: str, user_id: str, message_ids: Sequence[str]) -> None:
         if self._journal_path is None:

@@ -22,14 +22,15 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import sqlite3
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace as dc_replace
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from postroom.core.ids import new_id
 from postroom.core.models import (
@@ -61,7 +62,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
-_GROUP_COMMIT_MAX = 64  # transactions sharing one COMMIT at most
+_INLINE_MAX = 256  # a write touching more rows than this runs on the writer thread
+_CHECKPOINT_EVERY = 1.0  # seconds: the WAL is checkpointed (off the event loop) this often
 READER_THREADS = 4
 
 # The schema lives in postroom/store/migrations (step 1 is the first release's); every table that
@@ -425,6 +427,10 @@ def _log_vanished(
     )
 
 
+class _Busy(Exception):
+    """Another connection holds the write lock (BEGIN IMMEDIATE answered SQLITE_BUSY)."""
+
+
 # ---- the store -----------------------------------------------------------------------------
 
 
@@ -439,7 +445,19 @@ class SqliteMetadataStore:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
-        self._pending: deque[tuple[Callable[[sqlite3.Connection], object], Future[Any]]] = deque()
+        # the write connection is used by one party at a time: the event loop (a write with
+        # few rows, run inline) or, while _gate is held, the writer thread
+        self._gate = asyncio.Lock()
+        self._checkpointing = False
+        self._checkpointed = 0.0  # time.monotonic() of the last checkpoint
+        # group commit: the WAL is fsynced by the syncer thread, one fsync for every commit
+        # made before it started
+        self._syncer: ThreadPoolExecutor | None = None
+        self._sync_waiters: list[asyncio.Future[None]] = []
+        self._syncing = False
+        self._wal_fd: int | None = None
+        self._wal_id: tuple[int, int] | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
 
     # -- connections and executors
 
@@ -466,6 +484,13 @@ class SqliteMetadataStore:
                 conn.execute("ROLLBACK")
             conn.close()
             raise
+        # Commits on this connection write the WAL without an fsync; nobody hears of one
+        # before the syncer has fsynced the WAL after it (_durable), which is what
+        # synchronous = FULL would do, once per group of commits instead of once each.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # checkpoints run on the syncer thread, never inside a commit on the event loop
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("PRAGMA busy_timeout = 0")  # the event loop never waits for a lock
         self._write_conn = conn
 
     def _open_reader(self) -> None:
@@ -485,6 +510,7 @@ class SqliteMetadataStore:
             writer.shutdown(wait=False)
             raise
         self._writer = writer
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postroom-meta-sync")
         self._readers = ThreadPoolExecutor(
             max_workers=READER_THREADS,
             thread_name_prefix="postroom-meta-read",
@@ -496,6 +522,11 @@ class SqliteMetadataStore:
         if writer is None or readers is None:
             return
         self._writer = self._readers = None
+        async with self._gate:
+            pass  # a write on the writer thread finishes first
+        if self._syncing or self._sync_waiters:
+            with contextlib.suppress(StoreError):
+                await self._durable()  # the commits not yet fsynced
         await asyncio.to_thread(self._shutdown, writer, readers)
         # forget the per-thread connections just closed (the event loop's own, of _read_now),
         # so a reopened store makes new ones
@@ -504,6 +535,15 @@ class SqliteMetadataStore:
     def _shutdown(self, writer: ThreadPoolExecutor, readers: ThreadPoolExecutor) -> None:
         writer.shutdown(wait=True)
         readers.shutdown(wait=True)
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = self._wal_id = None
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         with self._reader_lock:
             conns, self._reader_conns = self._reader_conns, []
         for conn in conns:
@@ -520,15 +560,19 @@ class SqliteMetadataStore:
 
     def _run_write(
         self,
+        conn: sqlite3.Connection,
         fn: Callable[Concatenate[sqlite3.Connection, P], T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        conn = self._write_conn
-        if conn is None:
-            raise StoreError("metadata store is not open")
+        """One write transaction; raises _Busy if another connection holds the write lock."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise _Busy from exc
+                raise
             try:
                 result = fn(conn, *args, **kwargs)
                 conn.execute("COMMIT")
@@ -541,6 +585,28 @@ class SqliteMetadataStore:
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
         return result
+
+    def _run_write_patiently(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """_run_write on the writer thread, waiting up to BUSY_TIMEOUT_MS for the write lock
+        (another process on the same file holds it)."""
+        conn = self._write_conn
+        if conn is None:
+            raise StoreError("metadata store is not open")
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.001
+        while True:
+            try:
+                return self._run_write(conn, fn, *args, **kwargs)
+            except _Busy:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: database is locked") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     def _run_read(
         self,
@@ -565,70 +631,106 @@ class SqliteMetadataStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
+        """A small write: its SQL runs here on the event loop (no hop to a thread, no wait for
+        the GIL between statements), then the caller waits until the WAL is fsynced."""
+        conn = self._write_conn
+        if conn is None or self._writer is None:
+            raise StoreError("metadata store is not open")
+        if self._gate.locked():  # behind a big write, in order
+            return await self._write_big(fn, *args, **kwargs)
+        try:
+            result = self._run_write(conn, fn, *args, **kwargs)
+        except _Busy:  # another process is writing: wait for it on the writer thread
+            return await self._write_big(fn, *args, **kwargs)
+        await self._durable()
+        return result
+
+    async def _write_big(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """A write that may take long (many rows, or waiting for another process's lock), on
+        the writer thread so the event loop goes on serving; small writes wait behind it."""
         if self._writer is None:
             raise StoreError("metadata store is not open")
-        # Group commit: transactions that queue up while the writer is busy (fsyncing the
-        # previous COMMIT) run together in one transaction, each in its own savepoint, and
-        # share one COMMIT -- one fsync. Nobody hears of success before that COMMIT returns.
-        done: Future[T] = Future()
-        def call(conn: sqlite3.Connection) -> T:
-            return fn(conn, *args, **kwargs)
+        call = functools.partial(self._run_write_patiently, fn, *args, **kwargs)
+        async with self._gate:
+            result = await asyncio.get_running_loop().run_in_executor(self._writer, call)
+        await self._durable()
+        return result
 
-        self._pending.append((call, done))
-        self._writer.submit(self._run_batch)
-        return await asyncio.wrap_future(done)
+    async def _write_for(self, rows: int, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """_write, or _write_big when the transaction touches more than _INLINE_MAX rows."""
+        return await (self._write_big(fn) if rows > _INLINE_MAX else self._write(fn))
 
-    def _run_batch(self) -> None:
-        batch: list[tuple[Callable[[sqlite3.Connection], object], Future[Any]]] = []
-        while self._pending and len(batch) < _GROUP_COMMIT_MAX:
-            batch.append(self._pending.popleft())
-        if not batch:
-            return  # an earlier batch took them
-        if len(batch) == 1:
-            fn, done = batch[0]
-            try:
-                done.set_result(self._run_write(fn))
-            except BaseException as exc:
-                done.set_exception(exc)
+    async def _durable(self) -> None:
+        """Return once every commit made before this call is on disk: the WAL fsynced."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(waiter)
+        if not self._syncing:
+            self._start_sync()
+        await waiter
+
+    def _start_sync(self) -> None:
+        if self._syncer is None:
+            for waiter in self._sync_waiters:
+                if not waiter.done():
+                    waiter.set_exception(StoreError("metadata store is not open"))
+            self._sync_waiters = []
             return
-        conn = self._write_conn
-        if conn is None:
-            for _, done in batch:
-                done.set_exception(StoreError("metadata store is not open"))
-            return
-        results: list[tuple[Future[Any], object, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, done in batch:
-                conn.execute("SAVEPOINT one")
-                try:
-                    value = fn(conn)
-                except BaseException as exc:
-                    conn.execute("ROLLBACK TO one")
-                    conn.execute("RELEASE one")
-                    if isinstance(exc, sqlite3.IntegrityError):
-                        exc = Conflict(str(exc))
-                    elif isinstance(exc, sqlite3.Error):
-                        exc = StoreError(str(exc))
-                    results.append((done, None, exc))
-                    continue
-                conn.execute("RELEASE one")
-                results.append((done, value, None))
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            failure = StoreError(str(exc)) if isinstance(exc, sqlite3.Error) else exc
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(failure)
-            return
-        for done, value, error in results:
-            if error is not None:
-                done.set_exception(error)
+        waiters, self._sync_waiters = self._sync_waiters, []
+        self._syncing = True
+        done = asyncio.get_running_loop().run_in_executor(self._syncer, self._fsync_wal)
+        done.add_done_callback(functools.partial(self._synced, waiters))
+
+    def _synced(self, waiters: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
+        self._syncing = False
+        error = done.exception() if not done.cancelled() else StoreError("sync cancelled")
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
             else:
-                done.set_result(value)
+                waiter.set_exception(StoreError(f"{self.path}: fsync of the WAL: {error}"))
+        if self._sync_waiters:
+            self._start_sync()
+        elif (
+            error is None
+            and self._writer is not None
+            and not self._checkpointing
+            and time.monotonic() - self._checkpointed > _CHECKPOINT_EVERY
+        ):
+            # on the writer thread (idle but for big writes), so syncs never wait behind it
+            self._checkpointing = True
+            self._checkpointed = time.monotonic()
+            self._writer.submit(self._checkpoint)
+
+    def _fsync_wal(self) -> None:
+        """fsync the WAL file (syncer thread): the commits written to it are on disk."""
+        wal = self.path + "-wal"
+        st = os.stat(wal)
+        if self._wal_fd is None or self._wal_id != (st.st_dev, st.st_ino):
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+            self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            self._wal_id = (st.st_dev, st.st_ino)
+        os.fsync(self._wal_fd)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database (writer thread), without blocking writers or readers;
+        the next write then starts the WAL from its beginning again."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = self._connect()
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            pass  # retried after a later sync; readers holding old snapshots can delay it
+        finally:
+            self._checkpointing = False
 
     async def _read(
         self,
@@ -647,11 +749,13 @@ class SqliteMetadataStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """A point read (one indexed row or a user's few folders) on the calling thread.
+        """A point read of ONE statement (one indexed row or a user's few folders) on the
+        calling thread, in that statement's own implicit transaction.
 
         Tens of microseconds in WAL mode, where readers never wait for the writer; handing it
         to a reader thread and back costs more than that, several milliseconds on a busy
-        machine, and IMAP makes a few of these per command.
+        machine, and IMAP makes a few of these per command. (No BEGIN/COMMIT around it: each
+        is a call that lets go of the GIL, and a busy event loop waits to get it back.)
         """
         if self._readers is None:
             raise StoreError("metadata store is not open")
@@ -662,7 +766,10 @@ class SqliteMetadataStore:
             self._local.conn = conn
             with self._reader_lock:
                 self._reader_conns.append(conn)
-        return self._run_read(fn, *args, **kwargs)
+        try:
+            return fn(conn, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
 
     # -- domains
 
@@ -781,7 +888,7 @@ class SqliteMetadataStore:
             conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
             return sorted(set(hashes))
 
-        return await self._write(tx)
+        return await self._write_big(tx)
 
     # -- aliases
 
@@ -971,7 +1078,7 @@ class SqliteMetadataStore:
             )
             return dc_replace(folder, name=new_name, uidvalidity=validities[0])
 
-        return await self._write(tx)
+        return await self._write_big(tx)
 
     async def delete_folder(self, user_id: str, folder_id: str) -> list[Expunged]:
         """Remove the folder and its messages; Conflict while it has child folders."""
@@ -998,7 +1105,7 @@ class SqliteMetadataStore:
             )
             return gone
 
-        return await self._write(tx)
+        return await self._write_big(tx)
 
     async def set_subscribed(self, user_id: str, folder_id: str, subscribed: bool) -> None:
         def tx(conn: sqlite3.Connection) -> None:
@@ -1060,7 +1167,7 @@ class SqliteMetadataStore:
                     out.append(None)
             return out
 
-        return await self._write(tx) if batch else []
+        return await self._write_for(len(batch), tx) if batch else []
 
     async def get_message(self, user_id: str, message_id: str) -> MessageRecord | None:
         found = await self._read_now(_fetch_records, user_id, [message_id])
@@ -1168,7 +1275,7 @@ class SqliteMetadataStore:
             )
             return changed
 
-        return await self._write(tx)
+        return await self._write_for(len(ids), tx)
 
     async def move_messages(
         self, user_id: str, message_ids: Sequence[str], target_folder_id: str
@@ -1212,7 +1319,7 @@ class SqliteMetadataStore:
             _log_vanished(conn, user_id, [(g.folder_id, g.uid, g.modseq) for g, _ in out])
             return out
 
-        return await self._write(tx)
+        return await self._write_for(len(ids), tx)
 
     async def copy_messages(
         self, user_id: str, message_ids: Sequence[str], target_folder_id: str
@@ -1241,7 +1348,7 @@ class SqliteMetadataStore:
             _add_blob_refs(conn, (c.blob_hash for c in copies))
             return copies
 
-        return await self._write(tx)
+        return await self._write_for(len(ids), tx)
 
     async def expunge(self, user_id: str, message_ids: Sequence[str]) -> list[Expunged]:
         """Remove the user's records among message_ids (others skipped), in the order given."""
@@ -1250,7 +1357,7 @@ class SqliteMetadataStore:
         def tx(conn: sqlite3.Connection) -> list[Expunged]:
             return _delete_records(conn, _fetch_records(conn, user_id, ids))
 
-        return await self._write(tx)
+        return await self._write_for(len(ids), tx)
 
     # -- blob references
 
@@ -1431,7 +1538,7 @@ class SqliteMetadataStore:
                 " ON CONFLICT (user_id) DO UPDATE SET model = excluded.model,"
                 " updated_at = excluded.updated_at", (user_id, model, now))
 
-        await self._write(tx)
+        await self._write_big(tx)
 
     async def record_send(self, user_id: str, recipients: int, now: float) -> None:
         def tx(conn: sqlite3.Connection) -> None:

@@ -243,11 +243,14 @@ async def test_queued_index_writes_are_never_seen_stale(node: Postroom, alice: U
 async def test_queued_index_writes_survive_a_killed_process(
         node: Postroom, alice: User, tmp_path: Path) -> None:
     """The journal keeps queued index writes a killed process never made; the next start
-    redoes them from the mail's state, and a drained queue leaves the journal empty."""
+    redoes them from the mail's state, and a drained queue leaves the journal empty. Each
+    live process (node) on a data dir holds a journal of its own."""
     s = node.service
     assert s.indexer is not None
-    journal = tmp_path / "search-queue.journal"
-    s.indexer.use_journal(journal)
+    journal = s.indexer.claim_journal(tmp_path)
+    assert journal == tmp_path / "search-queue.journal"
+    second_node = Indexer(node.search, node.blobs)
+    assert second_node.claim_journal(tmp_path) == tmp_path / "search-queue.2.journal"
     kept = await s.append(alice, "INBOX", raw("Journal kept", body="quebec one"),
                           index_later=True)
     gone = await s.append(alice, "INBOX", raw("Journal gone", body="quebec two"),
@@ -273,8 +276,10 @@ async def test_queued_index_writes_survive_a_killed_process(
         await stuck
     assert late.message_id not in await node.search.indexed_ids(alice.user_id)
 
+    assert s.indexer._journal is not None
+    s.indexer._journal.close()  # the killed process's lock on its journal goes with it
     restarted = Indexer(node.search, node.blobs)  # the next process, same data dir
-    restarted.use_journal(journal)
+    assert restarted.claim_journal(tmp_path) == journal  # the free one, not the second's
     assert await restarted.recover(node.metadata) == 3
     assert journal.read_bytes() == b""
     s.indexer = restarted

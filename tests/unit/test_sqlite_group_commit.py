@@ -1,15 +1,20 @@
-"""Group commit in the SQLite metadata store: concurrent writes share a COMMIT, yet each
-transaction still succeeds or fails on its own and survives a reopen."""
+"""Group commit in the SQLite metadata store: writes run on the event loop and share the WAL's
+fsyncs, yet each transaction still succeeds or fails on its own, is answered only once on
+disk, and survives a reopen."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from postroom.store.errors import Conflict
-from postroom.store.sqlite_metadata import SqliteMetadataStore
+from postroom.store.errors import Conflict, StoreError
+from postroom.store.sqlite_metadata import _CHECKPOINT_EVERY, SqliteMetadataStore
 
 
 def test_concurrent_writes_fail_alone_and_persist(tmp_path: Path) -> None:
@@ -57,6 +62,156 @@ def test_reopen_same_store_reads_on_the_loop_again(tmp_path: Path) -> None:
         await store.close()
         await store.open()
         assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+# -- writes on the event loop, fsyncs on the syncer thread ------------------------------------
+
+
+def test_an_answered_write_had_its_wal_fsynced(tmp_path: Path) -> None:
+    """Every write is answered only after an fsync of the WAL that began after its commit:
+    the WAL then held at least the bytes it held when the write was answered."""
+    path = str(tmp_path / "meta.db")
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(path)
+        await store.open()
+        synced: list[int] = []
+        real = store._fsync_wal
+
+        def recording() -> None:
+            size = os.stat(path + "-wal").st_size
+            real()
+            synced.append(size)
+
+        store._fsync_wal = recording  # type: ignore[method-assign]
+        user = await store.create_user("d@example.test", "x")
+        for n in range(5):
+            await store.create_folder(user.user_id, f"F{n}")
+            assert synced and synced[-1] >= os.stat(path + "-wal").st_size
+        # concurrent writes share fsyncs, and still each waits for one after its commit
+        count = len(synced)
+        await asyncio.gather(*(store.create_folder(user.user_id, f"G{n}") for n in range(30)))
+        assert len(synced) - count < 30
+        assert synced[-1] >= os.stat(path + "-wal").st_size
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_fsync_fails_the_write(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
+        await store.open()
+        user = await store.create_user("e@example.test", "x")
+
+        def broken() -> None:
+            raise OSError(5, "Input/output error")
+
+        store._fsync_wal = broken  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="fsync"):
+            await store.create_folder(user.user_id, "Lost")
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path) -> None:
+    """A write that finds the file locked by another process waits for it on the writer
+    thread; the event loop goes on serving meanwhile, and the write lands afterwards."""
+    path = str(tmp_path / "meta.db")
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(path)
+        await store.open()
+        user = await store.create_user("f@example.test", "x")
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        write = asyncio.create_task(store.create_folder(user.user_id, "Waited"))
+        await asyncio.sleep(0.5)
+        assert not write.done()
+        assert ticks >= 20  # the loop was free while the write waited for the lock
+        other.execute("COMMIT")
+        other.close()
+        folder = await asyncio.wait_for(write, 10)
+        tick_task.cancel()
+        assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_big_write_runs_off_the_loop_and_small_ones_follow_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
+        await store.open()
+        user = await store.create_user("g@example.test", "x")
+        order: list[str] = []
+
+        def slow(conn: sqlite3.Connection) -> None:
+            time.sleep(0.3)  # a long transaction, holding the write connection
+            conn.execute("UPDATE users SET password_hash = password_hash WHERE user_id = ?",
+                         (user.user_id,))
+            order.append("big")
+
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick_task = asyncio.create_task(ticker())
+        big = asyncio.create_task(store._write_big(slow))
+        await asyncio.sleep(0.05)
+        small = asyncio.create_task(store.create_folder(user.user_id, "After"))
+        await asyncio.gather(big, small)
+        order.append("small")
+        tick_task.cancel()
+        assert order == ["big", "small"]
+        assert ticks >= 15  # the loop served on while the big write ran
+        assert [f.name for f in await store.list_folders(user.user_id)] == ["After"]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_wal_is_checkpointed_into_the_database_file(tmp_path: Path) -> None:
+    """Commits on the loop never checkpoint; the writer thread copies the WAL into the main
+    file at most every _CHECKPOINT_EVERY seconds, so a copy of the main file alone holds them."""
+    path = tmp_path / "meta.db"
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(str(path))
+        await store.open()
+        user = await store.create_user("h@example.test", "x")
+        for n in range(20):
+            await store.create_folder(user.user_id, f"C{n}")
+        await asyncio.sleep(_CHECKPOINT_EVERY + 0.2)
+        await store.create_folder(user.user_id, "Last")  # its sync starts the checkpoint
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            shutil.copyfile(path, tmp_path / "copy.db")
+            copy = sqlite3.connect(tmp_path / "copy.db")
+            try:
+                count = copy.execute("SELECT COUNT(*) FROM folders").fetchone()[0]
+            finally:
+                copy.close()
+            if count >= 20:
+                break
+        assert count >= 20
         await store.close()
 
     asyncio.run(scenario())
