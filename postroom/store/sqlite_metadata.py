@@ -759,7 +759,15 @@ class SqliteMetadataStore:
         """
         if self._readers is None:
             raise StoreError("metadata store is not open")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = self._write_conn
+        if conn is not None and not self._gate.locked() and not conn.in_transaction:
+            # the loop's own write connection: its page cache is never emptied by its own
+            # commits, as every other connection's is
+            try:
+                return fn(conn, *args, **kwargs)
+            except sqlite3.Error as exc:
+                raise StoreError(str(exc)) from exc
+        conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
             conn.execute("PRAGMA query_only = ON")

@@ -65,3 +65,23 @@ def test_words_as_the_loop_counted_them() -> None:
                 if count >= limit:
                     break
             assert _words(text, prefix, fast, limit) == count and fast == slow, text
+
+
+def _shape_features(body: str) -> set[str]:
+    raw = ("From: a@example.com\r\nTo: b@example.com\r\nSubject: x\r\n"
+           "Content-Type: text/plain; charset=utf-8\r\n\r\n" + body).encode()
+    return {f for f in extract(parse_message(raw)) if f.startswith("b:")}
+
+
+def test_shape_shortcuts_give_the_regexes_results() -> None:
+    """The text-shape regexes are skipped where a quick test says they cannot match; where
+    they can, and for digits of other scripts (\\d matches those too), they still run."""
+    plain = _shape_features("the quick brown fox jumps over the lazy dog\r\n" * 800)
+    assert {"b:money", "b:percent", "b:phone"} & plain == set()
+    assert "b:bangs0" in plain and "b:capswords0" in plain
+    marked = _shape_features("CALL NOW at 555-123-4567!! only $5, 50% off\r\n")
+    assert {"b:money", "b:percent", "b:phone", "b:bangs1", "b:capswords1"} <= marked
+    # nine ASCII digits cannot make a phone number; Arabic-Indic ones can
+    assert "b:phone" not in _shape_features("call 555-123-456 today\r\n")
+    assert "b:phone" in _shape_features("call \u0665\u0665\u0665-\u0661\u0662\u0663-"
+                                        "\u0664\u0665\u0666\u0667 today\r\n")
