@@ -450,6 +450,9 @@ class SqliteMetadataStore:
         self._gate = asyncio.Lock()
         self._checkpointing = False
         self._checkpointed = 0.0  # time.monotonic() of the last checkpoint
+        # commits made through this store, and how many of them are known to be on disk
+        self._commits = 0
+        self._on_disk = 0
         # group commit: the WAL is fsynced by the syncer thread, one fsync for every commit
         # made before it started
         self._syncer: ThreadPoolExecutor | None = None
@@ -638,11 +641,17 @@ class SqliteMetadataStore:
             raise StoreError("metadata store is not open")
         if self._gate.locked():  # behind a big write, in order
             return await self._write_big(fn, *args, **kwargs)
+        changes = conn.total_changes
         try:
             result = self._run_write(conn, fn, *args, **kwargs)
         except _Busy:  # another process is writing: wait for it on the writer thread
             return await self._write_big(fn, *args, **kwargs)
-        await self._durable()
+        if conn.total_changes != changes:
+            self._commits += 1
+        if self._on_disk < self._commits:
+            # its own commit, or commits it may have read (a STORE that found the flag set
+            # by a commit not yet on disk), is not durable yet
+            await self._durable()
         return result
 
     async def _write_big(
@@ -658,6 +667,7 @@ class SqliteMetadataStore:
         call = functools.partial(self._run_write_patiently, fn, *args, **kwargs)
         async with self._gate:
             result = await asyncio.get_running_loop().run_in_executor(self._writer, call)
+        self._commits += 1
         await self._durable()
         return result
 
@@ -683,11 +693,15 @@ class SqliteMetadataStore:
         waiters, self._sync_waiters = self._sync_waiters, []
         self._syncing = True
         done = asyncio.get_running_loop().run_in_executor(self._syncer, self._fsync_wal)
-        done.add_done_callback(functools.partial(self._synced, waiters))
+        done.add_done_callback(functools.partial(self._synced, waiters, self._commits))
 
-    def _synced(self, waiters: list[asyncio.Future[None]], done: asyncio.Future[None]) -> None:
+    def _synced(
+        self, waiters: list[asyncio.Future[None]], commits: int, done: asyncio.Future[None]
+    ) -> None:
         self._syncing = False
         error = done.exception() if not done.cancelled() else StoreError("sync cancelled")
+        if error is None:
+            self._on_disk = max(self._on_disk, commits)  # the commits made before it began
         for waiter in waiters:
             if waiter.done():
                 continue

@@ -215,3 +215,41 @@ def test_the_wal_is_checkpointed_into_the_database_file(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_write_that_changes_nothing_waits_only_for_what_it_may_have_read(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "meta.db")
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(path)
+        await store.open()
+        user = await store.create_user("i@example.test", "x")
+        syncs = 0
+        real = store._fsync_wal
+
+        def slow() -> None:
+            nonlocal syncs
+            time.sleep(0.2)
+            real()
+            syncs += 1
+
+        store._fsync_wal = slow  # type: ignore[method-assign]
+
+        def look(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM folders").fetchone()[0])
+
+        # everything on disk already: nothing to wait for, no fsync
+        started = time.monotonic()
+        assert await store._write(look) == 0
+        assert syncs == 0 and time.monotonic() - started < 0.15
+        # a commit not yet on disk that the write could have read: it waits for its fsync
+        made = asyncio.create_task(store.create_folder(user.user_id, "New"))
+        await asyncio.sleep(0.05)  # committed, its fsync under way
+        assert not made.done()
+        assert await store._write(look) == 1
+        assert syncs >= 1
+        await made
+        await store.close()
+
+    asyncio.run(scenario())
