@@ -11,6 +11,7 @@ the index does not know.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -38,6 +39,10 @@ async def make_document(record: MessageRecord, raw: bytes,
         return await asyncio.to_thread(
             build_document, record, raw, parsed if parsed is not None else parse_message(raw))
     return build_document(record, raw, parsed if parsed is not None else parse_message(raw))
+
+
+LINGER = 0.015  # seconds
+_BATCH_ENOUGH = 64  # queued writes that are worth a transaction without waiting longer
 
 
 class Indexer:
@@ -68,6 +73,10 @@ class Indexer:
         self._idle.set()
         self._journal_path: Path | None = None
         self._journal: BinaryIO | None = None
+        self.linger = LINGER  # seconds a queued write waits for others to share its transaction
+        self._hurry = asyncio.Event()
+        self._queued = 0  # items in _queue
+        self._running: list[_Queued] = []  # the batch being written
 
     # -- the journal of queued writes
 
@@ -163,6 +172,7 @@ class Indexer:
     async def settled(self) -> None:
         """Return once every queued write is done (or has failed and been logged)."""
         while not self._idle.is_set():
+            self._hurry.set()  # someone waits: no lingering for more writes
             await self._idle.wait()
 
     def _enqueue(self, item: _Queued) -> None:
@@ -173,6 +183,9 @@ class Indexer:
         else:
             self._queue.append(item)
         self._idle.clear()
+        self._queued += len(item.items)
+        if self._queued >= _BATCH_ENOUGH:
+            self._hurry.set()
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(
                 self._flush(), name="search-index-queue")
@@ -180,20 +193,34 @@ class Indexer:
     async def _flush(self) -> None:
         try:
             while self._queue:
-                item = self._queue.pop(0)
-                try:
-                    if item.kind == "index":
-                        await self.added_many(item.items, queued=True)
-                    elif item.kind == "update":
-                        await self.changed(item.items, queued=True)
-                    else:
-                        await self.removed(item.user_id, item.items, queued=True)
-                except Exception:  # each of those logs its own failures
-                    log.exception("queued search index write failed")
+                if self.linger > 0 and not self._hurry.is_set():
+                    # Let a few more writes join: the index's cost is mostly per transaction
+                    # (FTS5 writes its segments at each COMMIT), a tenth per document in
+                    # batches of ten. A search (settled) cuts the wait short.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self.linger)
+                batch, self._queue = self._queue, []
+                self._queued = 0
+                self._hurry.clear()
+                self._running = _regroup(batch)
+                while self._running:
+                    item = self._running.pop(0)
+                    try:
+                        if item.kind == "index":
+                            await self.added_many(item.items, queued=True)
+                        elif item.kind == "update":
+                            await self.changed(item.items, queued=True)
+                        else:
+                            await self.removed(item.user_id, item.items, queued=True)
+                    except Exception:  # each of those logs its own failures
+                        log.exception("queued search index write failed")
         finally:
             self._flusher = None
-            if self._queue:  # cancelled with work left: the journal keeps it for `recover`
+            if self._queue or self._running:
+                # cancelled with work left: the journal keeps it for `recover`
                 self._queue.clear()
+                self._running = []
+                self._queued = 0
             else:
                 self._forget_journal()
             self._idle.set()
@@ -291,3 +318,32 @@ class _Queued:
     kind: str  # "index", "update" or "remove"
     user_id: str
     items: list[Any]
+
+
+def _regroup(batch: list[_Queued]) -> list[_Queued]:
+    """The queued writes as few index calls: all new messages, then each user's changes, then
+    each user's removals (each kind keeping its own order). Writes to different messages
+    commute, and one message is only ever indexed, then changed, then removed, in that order;
+    should a write name a message an earlier removal of the batch took out, the batch is
+    written as it was queued instead."""
+    if len(batch) <= 1:
+        return batch
+    removed: set[tuple[str, str]] = set()
+    new: list[Any] = []
+    changes: dict[str, list[Any]] = {}
+    removals: dict[str, list[Any]] = {}
+    for q in batch:
+        if q.kind == "remove":
+            removed.update((q.user_id, m) for m in q.items)
+            removals.setdefault(q.user_id, []).extend(q.items)
+            continue
+        records = [i[0] for i in q.items] if q.kind == "index" else q.items
+        if any((r.user_id, r.message_id) in removed for r in records):
+            return batch
+        if q.kind == "index":
+            new.extend(q.items)
+        else:
+            changes.setdefault(q.user_id, []).extend(q.items)
+    return ([_Queued("index", "", new)] if new else []) \
+        + [_Queued("update", u, items) for u, items in changes.items()] \
+        + [_Queued("remove", u, items) for u, items in removals.items()]

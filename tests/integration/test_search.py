@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import mailbox
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from postroom.search.imap import criterion
 from postroom.search.indexer import Indexer
 from postroom.search.reindex import read_maildir, read_mbox, reindex_user
 from postroom.service import BadQuery, InvalidInput, MailService
+from postroom.store.search import IndexDocument
 
 NOW = time.time()
 DAY = 86400.0
@@ -424,3 +426,28 @@ async def test_import_files_in_batches_and_skips_what_it_refuses(
     assert [r.flags.system != 0 for r in records] == [True, False]
     with pytest.raises(InvalidInput):
         await s.append_many(alice, "INBOX", [(raw("Bad"), ["\\Bogus"], None)])
+
+
+async def test_queued_index_writes_share_transactions_and_searches_do_not_wait(
+        node: Postroom, alice: User) -> None:
+    """IMAP's queued index writes linger a moment so that several share one index call;
+    a search cuts the wait short and finds all of them."""
+    s = node.service
+    assert s.indexer is not None
+    calls: list[int] = []
+    real = node.search.index
+
+    async def counting(docs: Sequence[IndexDocument]) -> None:
+        calls.append(len(docs))
+        await real(docs)
+
+    node.search.index = counting  # type: ignore[method-assign]
+    s.indexer.linger = 30.0  # only a search (or a full batch) may end the wait
+    added = await asyncio.gather(*(
+        s.append(alice, "INBOX", raw(f"Batch {n}", body=f"whiskey {n}"), index_later=True)
+        for n in range(8)))
+    assert calls == []  # still lingering
+    started = time.monotonic()
+    assert sorted(await found(s, alice, "whiskey")) == sorted(r.message_id for r in added)
+    assert time.monotonic() - started < 5
+    assert calls == [8]  # one index call for the eight
