@@ -314,6 +314,27 @@ def _raw_values(part: Message, name: str, limit: int = _MAX_REPEATED_FIELDS) -> 
     return [_CRLF.sub("", value) for value in values[:limit]]
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = _ATEXT + r"+(?:\." + _ATEXT + r"+)*"
+# "Name Of Atoms <dot.atom@dot.atom>" or a bare dot.atom@dot.atom: most address fields
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*(?:({_ATEXT}+(?: {_ATEXT}+)*) <({_DOT_ATOM}@{_DOT_ATOM})>"
+    rf"|({_DOT_ATOM}@{_DOT_ATOM}))[ \t]*"
+)
+
+
+def _simple_address(value: str) -> str | None:
+    """What the header registry shows for the simplest address fields (three in four of the
+    corpus's), without its parser (~100 us a field); None for anything else."""
+    if "=?" in value:  # encoded words are atext too
+        return None
+    match = _SIMPLE_ADDRESS.fullmatch(value)
+    if match is None:
+        return None
+    bare = match.group(3)
+    return bare if bare is not None else f"{match.group(1)} <{match.group(2)}>"
+
+
 def _addresses(part: Message, name: str) -> str:
     """An address field for display: "Name <a@b>, ...", encoded words decoded.
 
@@ -321,6 +342,10 @@ def _addresses(part: Message, name: str) -> str:
     """
     shown = []
     for value in _raw_values(part, name):
+        simple = _simple_address(value)
+        if simple is not None:
+            shown.append(simple)
+            continue
         try:
             text = str(_POLICY.header_fetch_parse(name, value))
         except Exception:

@@ -680,3 +680,44 @@ def test_html_to_text_never_raises(html: str) -> None:
     text.encode("utf-8")
     if "<" not in html and "&" not in html:
         assert text.split() == html.replace("\x00", "").split()
+
+
+def _registry_address(value: str) -> str:
+    """What _addresses showed before its shortcut: the header registry's rendering."""
+    from postroom.core import message as m
+
+    try:
+        text = str(m._POLICY.header_fetch_parse("to", value))
+    except Exception:
+        text = m.decode_header_text(value)
+    return m._clean(text).strip()
+
+
+_ADDRESS_PIECES = st.sampled_from(
+    ["a", "Zb", "'", "!", "-", ".", "@", "<", ">", " ", "\t", '"', "(", ")", ",", ";", ":",
+     "=?", "?=", "x.y", "@ex.org", "+tag", "=?utf-8?q?J=C3=B6?="])
+
+
+@settings(max_examples=3000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_ADDRESS_PIECES, min_size=1, max_size=12).map("".join))
+def test_simple_address_shortcut_matches_the_registry(value: str) -> None:
+    from postroom.core.message import _simple_address
+
+    simple = _simple_address(value)
+    if simple is not None:
+        assert simple == _registry_address(value)
+
+
+def test_simple_address_shortcut_covers_the_common_forms() -> None:
+    from postroom.core.message import _simple_address
+
+    for value, shown in [
+        ("bob@example.org", "bob@example.org"),
+        (" Bob Smith <bob.smith@example.org> ", "Bob Smith <bob.smith@example.org>"),
+        ("O'Neil <o'neil+x@mail.example.org>", "O'Neil <o'neil+x@mail.example.org>"),
+    ]:
+        assert _simple_address(value) == shown == _registry_address(value)
+    # anything else is left to the registry: quotes, comments, groups, encoded words, lists
+    for value in ['"Smith, Bob" <b@x.org>', "b@x.org (Bob)", "g: a@x.org;", "a@x.org, b@x.org",
+                  "=?utf-8?q?J=C3=B6?= <j@x.org>", "Bob  Smith <b@x.org>", "J. Bob <b@x.org>"]:
+        assert _simple_address(value) is None
