@@ -76,6 +76,7 @@ class Indexer:
         self.linger = LINGER  # seconds a queued write waits for others to share its transaction
         self._hurry = asyncio.Event()
         self._queued = 0  # items in _queue
+        self._waiting = 0  # callers of settled() waiting
         self._running: list[_Queued] = []  # the batch being written
 
     # -- the journal of queued writes
@@ -171,9 +172,15 @@ class Indexer:
 
     async def settled(self) -> None:
         """Return once every queued write is done (or has failed and been logged)."""
-        while not self._idle.is_set():
-            self._hurry.set()  # someone waits: no lingering for more writes
-            await self._idle.wait()
+        if self._idle.is_set():
+            return
+        self._waiting += 1  # someone waits: no lingering for more writes
+        self._hurry.set()
+        try:
+            while not self._idle.is_set():
+                await self._idle.wait()
+        finally:
+            self._waiting -= 1
 
     def _enqueue(self, item: _Queued) -> None:
         last = self._queue[-1] if self._queue else None
@@ -201,7 +208,8 @@ class Indexer:
                         await asyncio.wait_for(self._hurry.wait(), self.linger)
                 batch, self._queue = self._queue, []
                 self._queued = 0
-                self._hurry.clear()
+                if not self._waiting:
+                    self._hurry.clear()
                 self._running = _regroup(batch)
                 while self._running:
                     item = self._running.pop(0)

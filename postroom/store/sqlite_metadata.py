@@ -491,7 +491,7 @@ class SqliteMetadataStore:
         # before the syncer has fsynced the WAL after it (_durable), which is what
         # synchronous = FULL would do, once per group of commits instead of once each.
         conn.execute("PRAGMA synchronous = NORMAL")
-        # checkpoints run on the syncer thread, never inside a commit on the event loop
+        # checkpoints run on the writer thread (_checkpoint), never inside a commit on the loop
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute("PRAGMA busy_timeout = 0")  # the event loop never waits for a lock
         self._write_conn = conn
