@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 
 from postroom.core.models import Flags
 from postroom.imap.parser import MONTHS, ParseError
@@ -34,6 +35,11 @@ def nstring(data: bytes | str | None) -> bytes:
 
 
 def flag_list(flags: Flags, recent: bool = False) -> bytes:
+    return _flag_list(flags, recent)  # a folder's messages share a handful of flag sets
+
+
+@functools.lru_cache(maxsize=4096)
+def _flag_list(flags: Flags, recent: bool) -> bytes:
     names = flags.names()
     if recent:
         names.append("\\Recent")

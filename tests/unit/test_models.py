@@ -208,3 +208,23 @@ def test_is_id_refuses_other_strings() -> None:
     assert not is_id("0" * 27)
     assert not is_id(new_id().lower())
     assert not is_id("U" * 26)
+
+
+def test_flag_names_for_every_combination_of_system_flags() -> None:
+    from itertools import combinations
+
+    from postroom.core.models import FLAG_NAMES, Flag, Flags
+    from postroom.imap.response import flag_list
+
+    every = list(FLAG_NAMES)
+    for n in range(len(every) + 1):
+        for chosen in combinations(every, n):
+            system = Flag(0)
+            for flag in chosen:
+                system |= flag
+            flags = Flags(system, ("$Label1", "work"))
+            expected = [FLAG_NAMES[f] for f in FLAG_NAMES if f in system] + ["$Label1", "work"]
+            assert flags.names() == expected
+            assert flag_list(flags) == ("(" + " ".join(expected) + ")").encode()
+            assert flag_list(flags, recent=True) == \
+                ("(" + " ".join([*expected, "\\Recent"]) + ")").encode()
