@@ -71,7 +71,8 @@ class Flags:
         return out
 
     def __contains__(self, flag: Flag) -> bool:
-        return flag in self.system
+        # what `flag in self.system` says, without enum's machinery (IMAP tests it per message)
+        return self.system._value_ & flag._value_ == flag._value_
 
     def union(self, other: Flags) -> Flags:
         return Flags(self.system | other.system, tuple(sorted({*self.keywords, *other.keywords})))

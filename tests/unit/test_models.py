@@ -225,6 +225,8 @@ def test_flag_names_for_every_combination_of_system_flags() -> None:
             flags = Flags(system, ("$Label1", "work"))
             expected = [FLAG_NAMES[f] for f in FLAG_NAMES if f in system] + ["$Label1", "work"]
             assert flags.names() == expected
+            assert all((f in flags) == (f in system) for f in every)
+            assert (system in flags) and (Flag(0) in flags)
             assert flag_list(flags) == ("(" + " ".join(expected) + ")").encode()
             assert flag_list(flags, recent=True) == \
                 ("(" + " ".join([*expected, "\\Recent"]) + ")").encode()
