@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom.core.models import User
 from postroom.store.errors import Conflict, StoreError
 from postroom.store.sqlite_metadata import _CHECKPOINT_EVERY, SqliteMetadataStore
 
@@ -21,9 +22,7 @@ def test_concurrent_writes_fail_alone_and_persist(tmp_path: Path) -> None:
     path = str(tmp_path / "meta.db")
 
     async def scenario() -> None:
-        store = SqliteMetadataStore(path)
-        await store.open()
-        user = await store.create_user("a@example.test", "x")
+        store, user = await _open(path, "a")
         names = [f"F{i}" for i in range(40)] + ["F7"]  # one duplicate among them
         results = await asyncio.gather(
             *(store.create_folder(user.user_id, n) for n in names), return_exceptions=True)
@@ -42,9 +41,7 @@ def test_concurrent_writes_fail_alone_and_persist(tmp_path: Path) -> None:
 @pytest.mark.parametrize("count", [1, 3])
 def test_sequential_semantics_inside_a_batch(tmp_path: Path, count: int) -> None:
     async def scenario() -> None:
-        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
-        await store.open()
-        user = await store.create_user("b@example.test", "x")
+        store, user = await _open(str(tmp_path / "meta.db"), "b")
         await asyncio.gather(*(store.create_folder(user.user_id, f"G{i}") for i in range(count)))
         assert len(await store.list_folders(user.user_id)) == count
         await store.close()
@@ -54,9 +51,7 @@ def test_sequential_semantics_inside_a_batch(tmp_path: Path, count: int) -> None
 
 def test_reopen_same_store_reads_on_the_loop_again(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
-        await store.open()
-        user = await store.create_user("c@example.test", "x")
+        store, user = await _open(str(tmp_path / "meta.db"), "c")
         folder = await store.create_folder(user.user_id, "H")
         assert await store.get_folder(user.user_id, folder.folder_id) == folder
         await store.close()
@@ -68,6 +63,28 @@ def test_reopen_same_store_reads_on_the_loop_again(tmp_path: Path) -> None:
 
 
 # -- writes on the event loop, fsyncs on the syncer thread ------------------------------------
+
+
+async def _open(path: str, who: str) -> tuple[SqliteMetadataStore, User]:
+    store = SqliteMetadataStore(path)
+    await store.open()
+    return store, await store.create_user(f"{who}@example.test", "x")
+
+
+class _LoopTicks:
+    """Counts the event loop's 10 ms ticks from its creation: a blocked loop does not tick."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            self.ticks += 1
+
+    def stop(self) -> None:
+        self._task.cancel()
 
 
 def test_an_answered_write_had_its_wal_fsynced(tmp_path: Path) -> None:
@@ -103,9 +120,7 @@ def test_an_answered_write_had_its_wal_fsynced(tmp_path: Path) -> None:
 
 def test_a_failed_fsync_fails_the_write(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
-        await store.open()
-        user = await store.create_user("e@example.test", "x")
+        store, user = await _open(str(tmp_path / "meta.db"), "e")
 
         def broken() -> None:
             raise OSError(5, "Input/output error")
@@ -124,28 +139,18 @@ def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path
     path = str(tmp_path / "meta.db")
 
     async def scenario() -> None:
-        store = SqliteMetadataStore(path)
-        await store.open()
-        user = await store.create_user("f@example.test", "x")
+        store, user = await _open(path, "f")
         other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         other.execute("BEGIN IMMEDIATE")
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        tick_task = asyncio.create_task(ticker())
+        loop_ticks = _LoopTicks()
         write = asyncio.create_task(store.create_folder(user.user_id, "Waited"))
         await asyncio.sleep(0.5)
         assert not write.done()
-        assert ticks >= 20  # the loop was free while the write waited for the lock
+        assert loop_ticks.ticks >= 20  # the loop was free while the write waited for the lock
         other.execute("COMMIT")
         other.close()
         folder = await asyncio.wait_for(write, 10)
-        tick_task.cancel()
+        loop_ticks.stop()
         assert await store.get_folder(user.user_id, folder.folder_id) == folder
         await store.close()
 
@@ -154,9 +159,7 @@ def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path
 
 def test_a_big_write_runs_off_the_loop_and_small_ones_follow_it(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store = SqliteMetadataStore(str(tmp_path / "meta.db"))
-        await store.open()
-        user = await store.create_user("g@example.test", "x")
+        store, user = await _open(str(tmp_path / "meta.db"), "g")
         order: list[str] = []
 
         def slow(conn: sqlite3.Connection) -> None:
@@ -165,23 +168,15 @@ def test_a_big_write_runs_off_the_loop_and_small_ones_follow_it(tmp_path: Path) 
                          (user.user_id,))
             order.append("big")
 
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        tick_task = asyncio.create_task(ticker())
+        loop_ticks = _LoopTicks()
         big = asyncio.create_task(store._write_big(slow))
         await asyncio.sleep(0.05)
         small = asyncio.create_task(store.create_folder(user.user_id, "After"))
         await asyncio.gather(big, small)
         order.append("small")
-        tick_task.cancel()
+        loop_ticks.stop()
         assert order == ["big", "small"]
-        assert ticks >= 15  # the loop served on while the big write ran
+        assert loop_ticks.ticks >= 15  # the loop served on while the big write ran
         assert [f.name for f in await store.list_folders(user.user_id)] == ["After"]
         await store.close()
 
@@ -222,9 +217,7 @@ def test_a_write_that_changes_nothing_waits_only_for_what_it_may_have_read(
     path = str(tmp_path / "meta.db")
 
     async def scenario() -> None:
-        store = SqliteMetadataStore(path)
-        await store.open()
-        user = await store.create_user("i@example.test", "x")
+        store, user = await _open(path, "i")
         syncs = 0
         real = store._fsync_wal
 
