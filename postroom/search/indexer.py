@@ -81,9 +81,6 @@ class Indexer:
 
     # -- the journal of queued writes
 
-    def use_journal(self, path: Path) -> None:
-        self._journal_path = path
-
     def claim_journal(self, directory: Path, stem: str = "search-queue") -> Path:
         """Use the first journal in `directory` that no running process holds (an exclusive
         flock, kept while this process lives): STEM.journal, then STEM.2.journal, ... So
@@ -102,11 +99,9 @@ class Indexer:
         raise OSError(f"no free search queue journal in {directory}")
 
     def _note(self, kind: str, user_id: str, message_ids: Sequence[str]) -> None:
-        if self._journal_path is None:
+        if self._journal is None:
             return
         try:
-            if self._journal is None:
-                self._journal = open(self._journal_path, "ab", buffering=0)
             self._journal.write(json.dumps([kind, user_id, list(message_ids)]).encode() + b"\n")
         except OSError:
             log.warning("cannot write the search queue journal %s", self._journal_path,
@@ -148,8 +143,6 @@ class Indexer:
                 except Exception:
                     log.exception("redoing the index write of %s failed", message_id)
         self._forget_journal()
-        if self._journal is None:
-            await asyncio.to_thread(path.write_bytes, b"")
         if done:
             log.info("search index: redid %d queued write(s) a stopped process left", done)
         return done
