@@ -11,6 +11,8 @@ transaction, which gives each read a consistent WAL snapshot.
 Several processes may open the same file (the CLI adds a user while the server runs): uids and
 modseqs are allocated by an atomic ``UPDATE folders ... RETURNING`` inside the write
 transaction, never by an in-process counter, so two writers can never hand out the same uid.
+Their write transactions take turns on a flock of ``<file>-writer.lock`` (the kernel wakes the
+next one when it is let go), before SQLite's own lock, whose busy handler sleeps and polls.
 
 Durability: ``synchronous=FULL`` makes every COMMIT fsync the WAL, so a committed delivery
 survives a crash (DESIGN.md §4: 250 only after the message is durable).

@@ -5,9 +5,12 @@ disk, and survives a reopen."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,11 @@ import pytest
 
 from postroom.core.models import User
 from postroom.store.errors import Conflict, StoreError
-from postroom.store.sqlite_metadata import _CHECKPOINT_EVERY, SqliteMetadataStore
+from postroom.store.sqlite_metadata import (
+    _CHECKPOINT_EVERY,
+    WRITE_LOCK_SUFFIX,
+    SqliteMetadataStore,
+)
 
 
 def test_concurrent_writes_fail_alone_and_persist(tmp_path: Path) -> None:
@@ -155,6 +162,59 @@ def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_writers_of_other_processes_queue_on_the_write_lock_file(tmp_path: Path) -> None:
+    """Every writer flocks the lock file beside the database for its transaction: while another
+    process holds it, a write neither commits nor blocks the loop, and it lands once that
+    process lets go (woken by the kernel, not by a sleeping retry)."""
+    path = str(tmp_path / "meta.db")
+
+    async def make_user() -> User:
+        store, user = await _open(path, "l")
+        await store.close()
+        return user
+
+    user = asyncio.run(make_user())
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({(path + WRITE_LOCK_SUFFIX)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "sys.stdin.readline()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == b"held\n"
+
+    def queued_folders() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            return int(other.execute(
+                "SELECT count(*) FROM folders WHERE name = 'Queued'").fetchone()[0])
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(path)
+        await store.open()
+        loop_ticks = _LoopTicks()
+        write = asyncio.create_task(store.create_folder(user.user_id, "Queued"))
+        await asyncio.sleep(0.5)
+        assert not write.done()
+        assert queued_folders() == 0
+        assert loop_ticks.ticks >= 20
+        assert holder.stdin is not None
+        holder.stdin.write(b"go\n")
+        holder.stdin.close()
+        folder = await asyncio.wait_for(write, 10)
+        loop_ticks.stop()
+        assert queued_folders() == 1
+        assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_big_write_runs_off_the_loop_and_small_ones_follow_it(tmp_path: Path) -> None:
