@@ -117,12 +117,20 @@ class Frame:
 class Entry:
     """One event in a user's log; its JSON frame is built once, for all connections."""
 
-    id: str
     event: Event
     at: float
     seq: int = 0  # the hub's order of arrival: a connection is handed each entry once
     frame: asyncio.Future[str] | None = None
     rendered: Frame | None = None
+    _id: str | None = None
+
+    @property
+    def id(self) -> str:
+        """event_id(event), computed when first asked for: most events are logged for a
+        reconnect that never comes, on a node where the user has no connection."""
+        if self._id is None:
+            self._id = event_id(self.event)
+        return self._id
 
 
 @dataclass(eq=False)
@@ -374,7 +382,7 @@ class EventHub:
         if len(user_log.entries) == user_log.entries.maxlen:
             user_log.pruned = True
         self._seq += 1
-        entry = Entry(event_id(event), event, time.monotonic(), self._seq)
+        entry = Entry(event, time.monotonic(), self._seq)
         user_log.entries.append(entry)
         if user_log.connections:
             user = next(iter(user_log.connections)).user
