@@ -185,13 +185,34 @@ async def mixed(target: Target, clients: int, seconds: float, append_only: bool 
         await c.close()
 
     users = target.users
+    cpu_before = cpu_seconds(target.pid())
     await asyncio.gather(*(run(users[i % len(users)], random.Random(i)) for i in range(clients)))
+    CPU_MS[target.name] = (cpu_seconds(target.pid()) - cpu_before) * 1000 / max(1, sum(
+        counts.values()))
     LATENCY[target.name] = Counter({name: spent[name] / counts[name] for name in counts})
     return counts
 
 
 # mean client-side latency (seconds) per command of the last run against each target
 LATENCY: dict[str, Counter[str]] = {}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of the processes (all their threads)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return total
+
+
+# server CPU milliseconds per command of the last run against each target (Postroom only:
+# Dovecot's per-connection processes take their CPU time with them when they exit)
+CPU_MS: dict[str, float] = {}
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -367,6 +388,8 @@ def report(title: str, ours: Counter[str], anchor: Counter[str] | None, seconds:
         anchor_total = sum(anchor.values()) / seconds
         line += f"{anchor_total:12.1f}   ratio {total / anchor_total:.2f}x"
     print(line)
+    if "Postroom" in CPU_MS:
+        print(f"Postroom server CPU: {CPU_MS['Postroom']:.3f} ms per command")
 
 
 async def run_all(args: argparse.Namespace) -> None:

@@ -838,7 +838,7 @@ class MailService:
     async def append(
         self,
         user: User,
-        folder: str,
+        folder: str | Folder,
         raw: bytes,
         flags: Sequence[str] = (),
         internal_date: float | None = None,
@@ -846,8 +846,16 @@ class MailService:
         index_later: bool = False,
     ) -> MessageRecord:
         """Store a message the user supplies (IMAP APPEND, drafts). With index_later the
-        search index gets it after this returns (see Indexer: searches still find it)."""
-        target = await self.get_folder(user, folder)
+        search index gets it after this returns (see Indexer: searches still find it).
+
+        `folder` is an id or a name, or the user's Folder the caller has just looked up
+        (IMAP's APPEND finds it by name first, for TRYCREATE): then it is not read again."""
+        if isinstance(folder, Folder):
+            if folder.user_id != user.user_id:
+                raise NotFoundError("no such folder")
+            target = folder
+        else:
+            target = await self.get_folder(user, folder)
         try:
             parsed_flags = Flags.parse(list(flags))
         except FlagError as exc:

@@ -978,7 +978,7 @@ class ImapSession:
         if len(data) > self.limits.max_literal:
             raise _no("message too large", "TOOBIG")
         try:
-            record = await self.service.append(self._user(), folder.folder_id, data, flags, when,
+            record = await self.service.append(self._user(), folder, data, flags, when,
                                                index_later=True)
         except InvalidInput as exc:
             raise _no(str(exc), "CANNOT") from None

@@ -1315,7 +1315,7 @@ class SqliteMetadataStore:
         ids = list(message_ids)
 
         def tx(conn: sqlite3.Connection) -> list[MessageRecord]:
-            changed: list[MessageRecord] = []
+            changing: list[tuple[MessageRecord, Flags]] = []
             for rec in _fetch_records(conn, user_id, ids):
                 if unchanged_since is not None and rec.modseq > unchanged_since:
                     continue
@@ -1326,14 +1326,15 @@ class SqliteMetadataStore:
                     flags = flags.difference(remove)
                 flags = _normal_flags(flags)
                 if flags != rec.flags:
-                    changed.append(dc_replace(rec, flags=flags))
-            if not changed:
+                    changing.append((rec, flags))
+            if not changing:
                 return []
             modseqs = {
                 folder_id: _bump_modseq(conn, user_id, folder_id)
-                for folder_id in _unique(r.folder_id for r in changed)
+                for folder_id in _unique(r.folder_id for r, _ in changing)
             }
-            changed = [dc_replace(r, modseq=modseqs[r.folder_id]) for r in changed]
+            changed = [dc_replace(r, flags=flags, modseq=modseqs[r.folder_id])
+                       for r, flags in changing]
             conn.executemany(
                 "UPDATE messages SET sysflags = ?, keywords = ?, modseq = ?"
                 " WHERE user_id = ? AND message_id = ?",

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from postroom.store.cache import Cache
 from postroom.store.memory_cache import LruCache
@@ -164,3 +166,37 @@ async def test_unicode_keys_and_prefixes(cache: Cache) -> None:
     assert await cache.get("u:ü:Entwürfe") is None
     assert await cache.get("u:ü:Entwürfe2") is None
     assert await cache.get("u:ü:Eingang") == b"3"
+
+
+_KEY = st.text(alphabet="u1:ab", max_size=8)
+
+
+@given(keys=st.lists(_KEY, max_size=12), prefixes=st.lists(_KEY, max_size=4),
+       evictions=st.integers(min_value=1, max_value=12))
+@settings(max_examples=300, deadline=None)
+def test_memory_buckets_drop_exactly_what_a_scan_would(
+    keys: list[str], prefixes: list[str], evictions: int
+) -> None:
+    """The LRU finds a prefix's keys through its buckets; what it drops is exactly what a scan
+    of every key would, through evictions and deletes too."""
+
+    async def scenario() -> None:
+        cache = LruCache(max_entries=evictions)
+        model: dict[str, None] = {}  # insertion order = least recently used first
+        for n, key in enumerate(keys):
+            await cache.set(key, b"%d" % n)
+            model.pop(key, None)
+            model[key] = None
+            while len(model) > evictions:
+                del model[next(iter(model))]
+        for prefix in prefixes:
+            await cache.delete_prefix(prefix)
+            for key in [k for k in model if k.startswith(prefix)]:
+                del model[key]
+        kept = [k for k in set(keys) if await cache.get(k) is not None]
+        assert sorted(kept) == sorted(model)
+        assert len(cache) == len(model)
+        await cache.delete(*keys)
+        assert len(cache) == 0 and cache._buckets == {}
+
+    asyncio.run(scenario())

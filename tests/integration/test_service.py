@@ -175,6 +175,11 @@ async def test_user_isolation_in_the_service(node: Postroom, users: tuple[User, 
     alice_inbox = await svc(node).get_folder(alice, "INBOX")
     with pytest.raises(NotFoundError):
         await svc(node).list_messages(bob, alice_inbox.folder_id)
+    for folder in (alice_inbox, alice_inbox.folder_id):  # her Folder, or its id
+        with pytest.raises(NotFoundError):
+            await svc(node).append(bob, folder, b"Subject: planted\r\n\r\nx\r\n")
+    assert [r.message_id for r in (await svc(node).list_messages(alice, "INBOX")).messages] \
+        == [mid]
     record = await svc(node).get_message(alice, mid)
     assert record.folder_id == alice_inbox.folder_id and not record.flags.names()
 
