@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator
 
@@ -47,6 +47,10 @@ class FsBlobStore:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        # directories this store has seen exist: a put into one skips looking (the fan-out
+        # never shrinks; if one vanishes anyway, the put makes it again)
+        self._known_dirs: set[str] = set()
+        self._temp_names = itertools.count()
 
     def path_of(self, digest: str) -> str:
         """Where the blob with this digest lives (whether or not it exists)."""
@@ -196,6 +200,8 @@ class FsBlobStore:
                              if f"{i:02x}" != name)]
 
     def _write(self, digest: str, data: bytes) -> None:
+        """Runs in a worker thread, so it makes as few calls as it can: each system call lets
+        go of the GIL, and getting it back can mean waiting for the event loop's thread."""
         final = self.path_of(digest)
         if os.path.isfile(final):
             # Content-addressed: the same name always holds the same bytes. The new put time
@@ -204,13 +210,29 @@ class FsBlobStore:
                 os.utime(final)
                 return
         directory = os.path.dirname(final)
-        self._make_dirs(directory)
-        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=directory)
+        if directory not in self._known_dirs:
+            self._make_dirs(directory)
+            self._known_dirs.add(directory)
+        while True:
+            temp = os.path.join(
+                directory, f"{_TEMP_PREFIX}{os.getpid()}-{next(self._temp_names)}")
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:  # left by a crashed process that had the same pid
+                continue
+            except FileNotFoundError:  # the directory went away: make it again
+                self._known_dirs.discard(directory)
+                self._make_dirs(directory)
+                self._known_dirs.add(directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(temp, final)
         except BaseException:
             with contextlib.suppress(OSError):

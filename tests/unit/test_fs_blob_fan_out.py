@@ -3,8 +3,10 @@ directories one by one as blobs need them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from postroom.store.blobs import blob_hash
 from postroom.store.fs_blobs import FsBlobStore
 
 
@@ -19,3 +21,33 @@ async def test_young_store_makes_first_level_at_once_and_leaves_as_needed(tmp_pa
     for n, digest in enumerate(digests):
         assert await store.get(digest) == f"message {n}".encode()
         assert await store.exists(digest)
+
+
+async def test_a_put_survives_its_directory_vanishing_and_a_stale_temporary_name(
+    tmp_path: Path,
+) -> None:
+    """The store remembers the directories it has seen, and names its temporary files by
+    process and counter: a leaf directory removed behind its back is made again, and a
+    temporary file a crashed process left under the next name is stepped over, not written."""
+    root = tmp_path / "blobs"
+    store = FsBlobStore(str(root))
+    await store.open()
+    first = await store.put(b"first")
+    leaf = root / first[0:2] / first[2:4]
+    (leaf / first).unlink()
+    leaf.rmdir()
+    assert await store.put(b"first") == first
+    assert (leaf / first).read_bytes() == b"first"
+    second = b"second"
+    digest = blob_hash(second)
+    directory = root / digest[0:2] / digest[2:4]
+    directory.mkdir(exist_ok=True)
+    n = next(store._temp_names)
+    stale = [directory / f".tmp-{os.getpid()}-{n + k}" for k in (1, 2)]
+    for path in stale:
+        path.write_bytes(b"left by a crash")
+    assert await store.put(second) == digest
+    assert await store.get(digest) == second
+    assert all(p.read_bytes() == b"left by a crash" for p in stale)
+    assert [p.name for p in directory.iterdir() if not p.name.startswith(".tmp-")] == [digest]
+    assert (directory / digest).stat().st_mode & 0o777 == 0o600
