@@ -199,7 +199,9 @@ class ImapSession:
                             + b"] Postroom IMAP4rev1 server ready")
             while self.state is not State.LOGOUT:
                 try:
-                    command = await asyncio.wait_for(self.read(), self.limits.idle_timeout)
+                    # a timeout scope, not wait_for: no task of its own for every command
+                    async with asyncio.timeout(self.limits.idle_timeout):
+                        command = await self.read()
                 except TimeoutError:
                     await self.send(b"* BYE Autologout; idle for too long")
                     break

@@ -131,7 +131,8 @@ class Pop3Session:
 
     async def next_line(self) -> bytes | None:
         """The next line, within the autologout time (TimeoutError otherwise)."""
-        return await asyncio.wait_for(self.read_line(), self.idle_timeout)
+        async with asyncio.timeout(self.idle_timeout):  # no task per line, as wait_for makes
+            return await self.read_line()
 
     async def read_line(self) -> bytes | None:
         """The next line without its CRLF (or bare LF); None at end of stream."""
