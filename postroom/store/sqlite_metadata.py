@@ -907,7 +907,7 @@ class SqliteMetadataStore:
             ).fetchone()
             return _user(row) if row is not None else None
 
-        return await self._read(tx)
+        return await self._read_now(tx)  # one indexed row
 
     async def get_user_by_address(self, address: str) -> User | None:
         def tx(conn: sqlite3.Connection) -> User | None:
@@ -916,7 +916,7 @@ class SqliteMetadataStore:
             ).fetchone()
             return _user(row) if row is not None else None
 
-        return await self._read(tx)
+        return await self._read_now(tx)  # one indexed row
 
     async def list_users(self, domain: str | None = None) -> list[User]:
         def tx(conn: sqlite3.Connection) -> list[User]:
@@ -1028,7 +1028,7 @@ class SqliteMetadataStore:
             ).fetchone()
             return Token(str(row[0]), str(row[1]), float(row[2])) if row is not None else None
 
-        return await self._read(tx)
+        return await self._read_now(tx)  # one indexed row
 
     async def delete_token(self, token_hash: str) -> None:
         """Revoke a token; revoking one that is already gone is not an error."""
