@@ -416,19 +416,21 @@ async def run_all(args: argparse.Namespace) -> None:
             for target in (ours, anchor):
                 if target is not None:
                     await seed(target)
-            results = {}
-            for target in (ours, anchor):
-                if target is not None:
-                    results[target.name] = await mixed(target, args.clients, args.seconds)
-            report(f"mixed workload, {args.clients} clients", results["Postroom"],
-                   results.get("Dovecot"), args.seconds)
+            if not args.append_only:
+                results = {}
+                for target in (ours, anchor):
+                    if target is not None:
+                        results[target.name] = await mixed(target, args.clients, args.seconds)
+                report(f"mixed workload, {args.clients} clients", results["Postroom"],
+                       results.get("Dovecot"), args.seconds)
             appends = {}
+            append_seconds = args.seconds if args.append_only else args.seconds / 2
             for target in (ours, anchor):
                 if target is not None:
-                    appends[target.name] = await mixed(target, args.clients, args.seconds / 2,
+                    appends[target.name] = await mixed(target, args.clients, append_seconds,
                                                        append_only=True)
             report(f"APPEND only, {args.clients} clients", appends["Postroom"],
-                   appends.get("Dovecot"), args.seconds / 2)
+                   appends.get("Dovecot"), append_seconds)
             if args.idle:
                 before, during, woke = await idle_rss(ours, args.idle)
                 print(f"\nPostroom with {args.idle} IDLE connections: RSS {before / 1024:.0f} MiB"
@@ -455,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-u", "--users", type=int, default=10)
     parser.add_argument("--idle", type=int, default=10000, help="IDLE connections (0: skip)")
     parser.add_argument("--no-anchor", action="store_true", help="skip Dovecot")
+    parser.add_argument("--append-only", action="store_true",
+                        help="only the APPEND phase, for the whole --seconds")
     parser.add_argument("--nodes", type=int, default=1,
                         help="Postroom nodes on one data dir sharing the IMAP port (events and"
                              " cache on Redis)")
