@@ -1,12 +1,14 @@
 """The embedded metadata store: one SQLite file in WAL mode.
 
 Concurrency model. SQLite allows one writer at a time per file, so this store keeps exactly one
-writer connection, owned by a single-thread executor, and a small pool of reader threads with a
-connection each. Every public coroutine hands ONE synchronous function -- the whole transaction --
-to an executor, so statements of two coroutines never interleave inside a transaction. Writes run
-in ``BEGIN IMMEDIATE`` (the write lock is taken up front, so a second process waits on
-``busy_timeout`` instead of failing on a read-to-write upgrade) and reads in a deferred
-transaction, which gives each read a consistent WAL snapshot.
+write connection and a small pool of reader threads with a connection each. Every public
+coroutine runs ONE synchronous function -- the whole transaction -- so statements of two
+coroutines never interleave inside a transaction. A small write transaction runs on the event
+loop itself (`_write`); big ones, and writes that find another process writing, run on a
+single writer thread that owns the connection meanwhile (`_write_big`). Writes run in
+``BEGIN IMMEDIATE`` (the write lock is taken up front, never a read-to-write upgrade) and
+multi-statement reads in a deferred transaction, which gives each read a consistent WAL
+snapshot; single-statement point reads run on the loop (`_read_now`).
 
 Several processes may open the same file (the CLI adds a user while the server runs): uids and
 modseqs are allocated by an atomic ``UPDATE folders ... RETURNING`` inside the write
@@ -14,8 +16,10 @@ transaction, never by an in-process counter, so two writers can never hand out t
 Their write transactions take turns on a flock of ``<file>-writer.lock`` (the kernel wakes the
 next one when it is let go), before SQLite's own lock, whose busy handler sleeps and polls.
 
-Durability: ``synchronous=FULL`` makes every COMMIT fsync the WAL, so a committed delivery
-survives a crash (DESIGN.md §4: 250 only after the message is durable).
+Durability: the loop's COMMIT writes the WAL without an fsync (``synchronous = NORMAL``), and
+the caller is answered only after a syncer thread has fsynced the WAL after that commit
+(`_durable`, one fsync per group of commits): what ``synchronous = FULL`` promises, so a
+committed delivery survives a crash (DESIGN.md §4: 250 only after the message is durable).
 """
 
 from __future__ import annotations
