@@ -7,14 +7,34 @@ address is empty in `[listeners]` is not started.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from postroom.app import Postroom
 from postroom.config import ConfigError
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 PROTOCOLS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
 # The node role (`postroom serve --roles`, config.ROLES) each listener belongs to.
 LISTENER_ROLE = {"smtp": "smtp", "submission": "submission", "submissions": "submission",
                  "imap": "imap", "imaps": "imap", "pop3": "pop3", "pop3s": "pop3"}
+
+
+def ending_quietly(handle: ConnectionHandler) -> ConnectionHandler:
+    """A listener's connection handler that ends normally when the node stops under it.
+
+    On shutdown the runner cancels the handlers of connections still open; Python 3.11's
+    stream protocol then asks the cancelled task for its exception, which raises, and asyncio
+    logs a traceback as an ERROR for every such connection. The connection is closed either
+    way; the handler's own `finally` blocks have run."""
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+
+    return run
 
 
 async def start_listeners(

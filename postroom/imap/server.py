@@ -10,6 +10,7 @@ from postroom.config import parse_hostport
 from postroom.imap.hub import hub_for
 from postroom.imap.mime import StructureCache
 from postroom.imap.session import ImapSession, Limits
+from postroom.listeners import ending_quietly
 from postroom.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ async def start_imap(node: Postroom, address: str, *, implicit_tls: bool) -> asy
             active -= 1
 
     server = await asyncio.start_server(
-        handle, host, port, limit=max(imap.max_line_length, 65536) + 1024,
+        ending_quietly(handle), host, port, limit=max(imap.max_line_length, 65536) + 1024,
         ssl=context if implicit_tls else None,
         ssl_handshake_timeout=30 if implicit_tls else None,
         reuse_address=True, reuse_port=imap.reuse_port or None, backlog=4096,

@@ -7,6 +7,7 @@ import logging
 
 from postroom.app import Postroom
 from postroom.config import parse_hostport
+from postroom.listeners import ending_quietly
 from postroom.pop3.limits import limits_for
 from postroom.pop3.locks import locks_for
 from postroom.pop3.session import MAX_LINE, Pop3Session
@@ -53,7 +54,7 @@ async def start_pop3(node: Postroom, address: str, *, implicit_tls: bool) -> asy
         await session.run()
 
     server = await asyncio.start_server(
-        handle, host, port, limit=MAX_LINE,
+        ending_quietly(handle), host, port, limit=MAX_LINE,
         ssl=context if implicit_tls else None,
         ssl_handshake_timeout=30 if implicit_tls else None,
     )

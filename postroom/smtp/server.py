@@ -8,6 +8,7 @@ import ssl
 from collections import Counter
 
 from postroom.config import Settings, parse_hostport
+from postroom.listeners import ending_quietly
 from postroom.service import MailService
 from postroom.smtp.session import Mode, SessionConfig, SmtpSession
 
@@ -67,7 +68,7 @@ async def start_smtp_listener(
     )
     server = SmtpServer(service, config)
     listener = await asyncio.start_server(
-        server.handle, host, port, ssl=tls_context if implicit_tls else None,
+        ending_quietly(server.handle), host, port, ssl=tls_context if implicit_tls else None,
         limit=1024 * 1024, reuse_address=True,
     )
     log.info("SMTP %s%s listening on %s:%d", mode.value, " (TLS)" if implicit_tls else "",

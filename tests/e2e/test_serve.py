@@ -17,8 +17,17 @@ from tests.e2e.server import ServerProcess, postroom_cmd
 def test_clean_shutdown_on_signal(tmp_path: Path, sig: int) -> None:
     srv = ServerProcess(tmp_path / "data")
     srv.start()
+    # clients still connected when the node stops: their connections end without an error
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for port in
+               (srv.imap_port, srv.smtp_port, srv.submission_port, srv.pop3_port)]
+    for client in clients:
+        assert client.recv(1024)  # the greeting: the connection's handler is running
     assert srv.stop(sig) == 0
-    assert "postroom stopped" in srv.log()
+    log = srv.log()
+    assert "postroom stopped" in log
+    assert "Traceback" not in log and " ERROR " not in log, log
+    for client in clients:
+        client.close()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{srv.base_url}/healthz", timeout=2)
 
