@@ -13,8 +13,8 @@ snapshot; single-statement point reads run on the loop (`_read_now`).
 Several processes may open the same file (the CLI adds a user while the server runs): uids and
 modseqs are allocated by an atomic ``UPDATE folders ... RETURNING`` inside the write
 transaction, never by an in-process counter, so two writers can never hand out the same uid.
-Their write transactions take turns on a flock of ``<file>-writer.lock`` (the kernel wakes the
-next one when it is let go), before SQLite's own lock, whose busy handler sleeps and polls.
+Their write transactions take turns on a flock of ``<file>-writer.lock`` (a waiting writer looks
+again within a millisecond), before SQLite's own lock, whose busy handler naps for longer.
 
 Durability: the loop's COMMIT writes the WAL without an fsync (``synchronous = NORMAL``), and
 the caller is answered only after a syncer thread has fsynced the WAL after that commit
@@ -482,8 +482,8 @@ class SqliteMetadataStore:
         self._wal_fd: int | None = None
         self._wal_id: tuple[int, int] | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
-        # flock'ed around every write transaction: processes sharing the file queue on it and
-        # are woken the moment it is free, not by SQLite's sleeping busy handler
+        # flock'ed around every write transaction: processes sharing the file take turns on it,
+        # looking again within a millisecond, not after SQLite's busy handler's longer naps
         self._lock_fd: int | None = None
 
     # -- connections and executors
@@ -627,19 +627,30 @@ class SqliteMetadataStore:
         **kwargs: P.kwargs,
     ) -> T:
         """_run_write holding the flock of the write-lock file; raises _Busy if another process
-        holds it and `wait` is false.
+        holds it and `wait` is false, StoreError if it still holds it after BUSY_TIMEOUT_MS.
 
-        SQLite's own wait for its write lock (busy_timeout) sleeps and polls, 1, 2, 5 ms and
-        longer, so processes taking turns at short transactions spend their time asleep; a
-        blocking flock wakes the next one when the lock is let go. Every process writing to the
-        file goes through here (the servers' IMAP processes, the CLI)."""
+        SQLite's own wait for its write lock (busy_timeout) naps 1, 2, 5 ms and longer, so
+        processes taking turns at short transactions spend their time asleep; this one looks
+        again within a millisecond. (A blocking flock would wake at once, but could not give
+        up: a process stopped in the middle of a write would hang every write here.) Every
+        process writing to the file goes through here (the server's nodes, the CLI)."""
         fd = self._lock_fd
         if fd is None:
             raise StoreError("metadata store is not open")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _Busy from None
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.00005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise _Busy from None
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: database is locked "
+                                     "(another process holds its write lock)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
         try:
             return self._run_write(conn, fn, *args, **kwargs)
         finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from postroom.core.models import User
+from postroom.store import sqlite_metadata
 from postroom.store.errors import Conflict, StoreError
 from postroom.store.sqlite_metadata import (
     _CHECKPOINT_EVERY,
@@ -167,7 +168,7 @@ def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path
 def test_writers_of_other_processes_queue_on_the_write_lock_file(tmp_path: Path) -> None:
     """Every writer flocks the lock file beside the database for its transaction: while another
     process holds it, a write neither commits nor blocks the loop, and it lands once that
-    process lets go (woken by the kernel, not by a sleeping retry)."""
+    process lets go."""
     path = str(tmp_path / "meta.db")
 
     async def make_user() -> User:
@@ -208,6 +209,52 @@ def test_writers_of_other_processes_queue_on_the_write_lock_file(tmp_path: Path)
         loop_ticks.stop()
         assert queued_folders() == 1
         assert await store.get_folder(user.user_id, folder.folder_id) == folder
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_write_gives_up_on_a_process_that_never_lets_go_of_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stopped in the middle of a write holds the lock file for good: the write fails
+    as locked after the store's patience (BUSY_TIMEOUT_MS) instead of hanging every writer,
+    and writes succeed again once that process is gone."""
+    path = str(tmp_path / "meta.db")
+
+    async def make_user() -> User:
+        store, user = await _open(path, "h")
+        await store.close()
+        return user
+
+    user = asyncio.run(make_user())
+    monkeypatch.setattr(sqlite_metadata, "BUSY_TIMEOUT_MS", 400)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, time\n"
+         f"fd = os.open({(path + WRITE_LOCK_SUFFIX)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE)
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == b"held\n"
+
+    async def scenario() -> None:
+        store = SqliteMetadataStore(path)
+        await store.open()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            await asyncio.wait_for(store.create_folder(user.user_id, "Never"), 10)
+        assert time.monotonic() - started < 5
+        holder.kill()
+        await asyncio.to_thread(holder.wait)  # the kernel lets go of a dead process's flock
+        folder = await asyncio.wait_for(store.create_folder(user.user_id, "Later"), 10)
+        assert [f.name for f in await store.list_folders(user.user_id)] == [folder.name]
         await store.close()
 
     try:
