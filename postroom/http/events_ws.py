@@ -75,6 +75,8 @@ except ImportError:  # pragma: no cover - another server, or another uvicorn
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT = 3.0  # seconds stop() waits for the hub's tasks to end
+
 SUBPROTOCOL = "postroom.v1"
 TOKEN_PREFIX = "bearer."
 PUSHED = (MESSAGE_NEW, MESSAGE_FLAGS, MESSAGE_MOVED, MESSAGE_DELETED, FOLDER_CHANGED)
@@ -285,11 +287,13 @@ class EventHub:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in (self._task, self._beats):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        tasks = {task for task in (self._task, self._beats) if task is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded: a subscription's close can wait on an event bus that is itself going
+            # away (Redis restarting), and a stopping node must not hang on it.
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
         self._task = self._beats = None
         for user_log in self._logs.values():
             for conn in list(user_log.connections):
