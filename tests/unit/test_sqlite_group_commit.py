@@ -165,28 +165,34 @@ def test_another_process_holding_the_lock_does_not_block_the_loop(tmp_path: Path
     asyncio.run(scenario())
 
 
-def test_writers_of_other_processes_queue_on_the_write_lock_file(tmp_path: Path) -> None:
-    """Every writer flocks the lock file beside the database for its transaction: while another
-    process holds it, a write neither commits nor blocks the loop, and it lands once that
-    process lets go."""
-    path = str(tmp_path / "meta.db")
+def _user_and_lock_holder(path: str, who: str, then: str) -> tuple[User, subprocess.Popen[bytes]]:
+    """A store at `path` with one user (made before the lock is taken), and another process
+    that holds the write-lock file's flock and then runs `then` (Python source)."""
 
     async def make_user() -> User:
-        store, user = await _open(path, "l")
+        store, user = await _open(path, who)
         await store.close()
         return user
 
     user = asyncio.run(make_user())
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import fcntl, os, sys\n"
+         "import fcntl, os, sys, time\n"
          f"fd = os.open({(path + WRITE_LOCK_SUFFIX)!r}, os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('held', flush=True)\n"
-         "sys.stdin.readline()\n"],
+         "print('held', flush=True)\n" + then],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout is not None
     assert holder.stdout.readline() == b"held\n"
+    return user, holder
+
+
+def test_writers_of_other_processes_queue_on_the_write_lock_file(tmp_path: Path) -> None:
+    """Every writer flocks the lock file beside the database for its transaction: while another
+    process holds it, a write neither commits nor blocks the loop, and it lands once that
+    process lets go."""
+    path = str(tmp_path / "meta.db")
+    user, holder = _user_and_lock_holder(path, "l", "sys.stdin.readline()\n")
 
     def queued_folders() -> int:
         with contextlib.closing(sqlite3.connect(path)) as other:
@@ -225,24 +231,8 @@ def test_a_write_gives_up_on_a_process_that_never_lets_go_of_the_lock(
     as locked after the store's patience (BUSY_TIMEOUT_MS) instead of hanging every writer,
     and writes succeed again once that process is gone."""
     path = str(tmp_path / "meta.db")
-
-    async def make_user() -> User:
-        store, user = await _open(path, "h")
-        await store.close()
-        return user
-
-    user = asyncio.run(make_user())
+    user, holder = _user_and_lock_holder(path, "h", "time.sleep(60)\n")
     monkeypatch.setattr(sqlite_metadata, "BUSY_TIMEOUT_MS", 400)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, time\n"
-         f"fd = os.open({(path + WRITE_LOCK_SUFFIX)!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('held', flush=True)\n"
-         "time.sleep(60)\n"],
-        stdout=subprocess.PIPE)
-    assert holder.stdout is not None
-    assert holder.stdout.readline() == b"held\n"
 
     async def scenario() -> None:
         store = SqliteMetadataStore(path)
