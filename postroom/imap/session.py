@@ -190,6 +190,9 @@ class ImapSession:
         self.out = bytearray()
         self._rate_window = 0.0
         self._rate_count = 0
+        self._reading_since: float | None = None  # loop time the wait for a command began
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     # ------------------------------------------------------------------------------ connection
 
@@ -197,14 +200,12 @@ class ImapSession:
         try:
             await self.send(b"* OK [CAPABILITY " + self.capabilities().encode()
                             + b"] Postroom IMAP4rev1 server ready")
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(self.limits.idle_timeout, self._watch)
             while self.state is not State.LOGOUT:
+                self._reading_since = loop.time()
                 try:
-                    # a timeout scope, not wait_for: no task of its own for every command
-                    async with asyncio.timeout(self.limits.idle_timeout):
-                        command = await self.read()
-                except TimeoutError:
-                    await self.send(b"* BYE Autologout; idle for too long")
-                    break
+                    command = await self.read()
                 except LineTooLong:
                     await self.send(b"* BAD command line too long (at most %d octets)"
                                     % self.limits.max_line)
@@ -212,18 +213,41 @@ class ImapSession:
                 except LiteralTooLarge as exc:
                     await self.send(f"{exc.tag} NO [TOOBIG] {exc}".encode())
                     continue
+                finally:
+                    self._reading_since = None
                 if command is None:
                     break
                 await self.execute(command)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as exc:
-            log.debug("imap connection from %s ended: %r", self.peer_ip, exc)
+            if not self._timed_out:
+                log.debug("imap connection from %s ended: %r", self.peer_ip, exc)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self.unselect()
             if self.user is not None:
                 self.hub.disconnect(self.user.user_id)
             self.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+    def _watch(self) -> None:
+        """The autologout timer (RFC 3501 §5.4): one timer per connection, looked at when it
+        fires, instead of a timeout armed and cancelled around every command read (that cost
+        a timer and three system calls per command). Only the wait for the client's next
+        command counts (a literal included); a command running, IDLE among them, does not."""
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.idle_timeout
+        since = self._reading_since
+        if since is not None and loop.time() - since >= timeout:
+            self._timed_out = True
+            self._watchdog = None
+            # nothing else is being written while the session waits for a command
+            self.writer.write(b"* BYE Autologout; idle for too long\r\n")
+            self.writer.close()  # the read sees the end of the stream, and the session ends
+            return
+        delay = timeout if since is None else since + timeout - loop.time()
+        self._watchdog = loop.call_later(max(delay, 0.01), self._watch)
 
     async def read(self) -> RawCommand | None:
         return await read_command(

@@ -60,6 +60,24 @@ def test_a_silent_session_is_logged_out_but_an_idling_one_is_not(limited: Server
     idling.ok("LOGOUT")
 
 
+def test_the_autologout_timer_counts_from_the_last_command(limited: ServerProcess) -> None:
+    """A client that speaks now and then outlives the autologout time in total, and is logged
+    out once it falls silent, a literal it announced and never sent counting as silence."""
+    talking = _login(limited)
+    started = time.monotonic()
+    while time.monotonic() - started < IDLE_TIMEOUT * 1.6:
+        talking.ok("NOOP")
+        time.sleep(IDLE_TIMEOUT / 4)
+    talking.ok("NOOP")
+    silent_from = time.monotonic()  # the wait for the next command begins
+    talking.send(b"a1 APPEND INBOX {10}\r\n")
+    assert talking.line().startswith(b"+")
+    bye = talking.line()
+    assert bye.startswith(b"* BYE") and b"idle" in bye.lower(), bye
+    assert IDLE_TIMEOUT - 0.5 < time.monotonic() - silent_from < IDLE_TIMEOUT + 5
+    assert talking.closed()
+
+
 def test_connections_per_user(limited: ServerProcess) -> None:
     sessions = [_login(limited) for _ in range(CONNECTIONS_PER_USER)]
     extra = RawImap(limited.imap_port)
