@@ -51,6 +51,7 @@ async def start_listeners(
             from postroom.imap.server import start_imap
 
             servers.append(await start_imap(node, address, implicit_tls=name == "imaps"))
+            await node.analysis.start()  # the processes that parse what APPEND stores
             continue
         if name in ("pop3", "pop3s"):
             from postroom.pop3.server import start_pop3

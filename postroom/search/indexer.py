@@ -149,9 +149,12 @@ class Indexer:
 
     # -- queued writes (IMAP)
 
-    def later_added(self, record: MessageRecord, raw: bytes, parsed: ParsedMessage) -> None:
+    def later_added(self, record: MessageRecord, raw: bytes, parsed: ParsedMessage,
+                    template: IndexDocument | None = None) -> None:
+        """Queue a new message's indexing; `template`, its `document_template` if one was
+        built already (in an analysis process), saves building the document here."""
         self._note("index", record.user_id, [record.message_id])
-        self._enqueue(_Queued("index", record.user_id, [(record, raw, parsed)]))
+        self._enqueue(_Queued("index", record.user_id, [(record, raw, parsed, template)]))
 
     def later_changed(self, records: Sequence[MessageRecord]) -> None:
         if records:
@@ -208,7 +211,7 @@ class Indexer:
                     item = self._running.pop(0)
                     try:
                         if item.kind == "index":
-                            await self.added_many(item.items, queued=True)
+                            await self._index_new(item.items)
                         elif item.kind == "update":
                             await self.changed(item.items, queued=True)
                         else:
@@ -236,17 +239,26 @@ class Indexer:
             log.exception("indexing message %s failed", record.message_id)
 
     async def added_many(
-        self, messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage]],
-        queued: bool = False,
+        self, messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage]]
     ) -> None:
         """`added` for a batch of new records, in one index transaction. Copies of one message
         (the same bytes for several recipients) share one document build."""
-        if not queued:
-            await self.settled()
+        await self.settled()
+        await self._index_new([(record, raw, parsed, None) for record, raw, parsed in messages])
+
+    async def _index_new(
+        self,
+        messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage, IndexDocument | None]],
+    ) -> None:
+        """New records in one index transaction, each document from its template when there
+        is one, else built here (once for copies of the same bytes)."""
         try:
             built: dict[int, IndexDocument] = {}
             docs: list[IndexDocument] = []
-            for record, raw, parsed in messages:
+            for record, raw, parsed, template in messages:
+                if template is not None:
+                    docs.append(for_record(template, record))
+                    continue
                 doc = built.get(id(raw))
                 if doc is None:
                     doc = built[id(raw)] = await make_document(record, raw, parsed)

@@ -242,6 +242,36 @@ async def test_queued_index_writes_are_never_seen_stale(node: Postroom, alice: U
     assert await found(s, alice, "yankee") == []
 
 
+@pytest.mark.parametrize("queued", [False, True])
+async def test_append_parsed_in_an_analysis_process_files_what_parsing_here_does(
+        node: Postroom, alice: User, queued: bool) -> None:
+    """APPEND parses the message and builds its search document in the node's analysis
+    process: the record and what search finds are those of a parse in this process."""
+    s = node.service
+    assert s.analysis is not None
+    await s.create_folder(alice, "Here")
+    messages = [raw("Plain words", body="kilo lima mike"),
+                raw("With a file", attachment="plan-b.pdf", body="november oscar"),
+                raw("Styled", html="<p>papa <b>quebec</b></p>", cc="dave@example.org")]
+    pool = s.analysis
+    for n, data in enumerate(messages):
+        there = await s.append(alice, "INBOX", data, ["\\Seen"], NOW - n, index_later=queued)
+        s.analysis = None  # parsed on the event loop, as a node without the pool does
+        try:
+            here = await s.append(alice, "Here", data, ["\\Seen"], NOW - n,
+                                  index_later=queued)
+        finally:
+            s.analysis = pool
+        assert (there.headers, there.snippet, there.has_attachments, there.size,
+                there.blob_hash, there.flags, there.internal_date) == \
+            (here.headers, here.snippet, here.has_attachments, here.size, here.blob_hash,
+             here.flags, here.internal_date)
+    for query, count in [("kilo", 2), ("filename:plan-b.pdf", 2), ("has:attachment", 2),
+                         ("quebec cc:dave", 2), ("subject:styled is:read", 2),
+                         ("in:here kilo", 1), ("in:inbox oscar", 1)]:
+        assert len(await found(s, alice, query)) == count, query
+
+
 async def test_queued_index_writes_survive_a_killed_process(
         node: Postroom, alice: User, tmp_path: Path) -> None:
     """The journal keeps queued index writes a killed process never made; the next start
