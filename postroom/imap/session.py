@@ -1427,11 +1427,23 @@ class ImapSession:
         selected = self._sel()
         user = self._user()
         ctx = Context(selected.exists, selected.max_uid)
-        candidates = [Candidate(i + 1, selected.records[u], u in selected.recent)
+        records, recent, match = selected.records, selected.recent, program.key.match
+        if not program.key.needs_content:
+            # one Candidate looked at in turn (no object per message: a SEARCH of a few
+            # flags over a large folder spent its time making and collecting them)
+            out: list[int] = []
+            probe: Candidate | None = None
+            for i, u in enumerate(selected.uids):
+                if probe is None:
+                    probe = Candidate(i + 1, records[u], u in recent)
+                else:
+                    probe.msn, probe.record, probe.recent = i + 1, records[u], u in recent
+                if match(probe, ctx):
+                    out.append(u)
+            return out
+        candidates = [Candidate(i + 1, records[u], u in recent)
                       for i, u in enumerate(selected.uids)]
         matched: list[int] = []
-        if not program.key.needs_content:
-            return [c.record.uid for c in candidates if program.key.match(c, ctx)]
         # The search index narrows text keys to the records that may match; the exact
         # RFC 3501 check below then reads only those.
         possible = await self.service.search_candidates(
