@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postroom.core import ids
 from postroom.core.address import (
     AddressError,
     domain_of,
@@ -200,6 +203,17 @@ def test_new_id_shape_and_order() -> None:
     assert first < later  # time-ordered
     assert len({new_id() for _ in range(1000)}) == 1000
     assert not set(new_id()) & set("ILOU")  # Crockford base32
+
+
+@given(st.integers(0, 2**48 - 1), st.binary(min_size=10, max_size=10))
+def test_new_id_digits_are_the_time_then_the_random_bits(ms: int, random: bytes) -> None:
+    value = (ms << 80) | int.from_bytes(random, "big")
+    expected = ""
+    for _ in range(26):  # base32 digits, least significant first
+        value, digit = divmod(value, 32)
+        expected = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"[digit] + expected
+    with mock.patch.object(ids.os, "urandom", lambda n: random[:n]):
+        assert new_id((ms + 0.5) / 1000) == expected
 
 
 def test_is_id_refuses_other_strings() -> None:
