@@ -48,7 +48,8 @@ class SmtpReader:
         self.buffer = bytearray()
 
     async def _fill(self, idle: float) -> None:
-        chunk = await asyncio.wait_for(self.reader.read(READ_SIZE), idle)
+        async with asyncio.timeout(idle):  # a scope: wait_for would make a task per read
+            chunk = await self.reader.read(READ_SIZE)
         if not chunk:
             raise ConnectionLost()
         self.buffer += chunk
