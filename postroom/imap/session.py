@@ -1182,25 +1182,30 @@ class ImapSession:
             self.structures.keep_content(record.blob_hash, raw)
             return raw
 
-        batch = 64 if request.needs_content else len(uids) or 1
+        content = request.needs_content  # asked once, not for every message
+        add_modseq = add_flags and self.condstore and not request.has("MODSEQ")
+        items, records, recents = request.items, selected.records, selected.recent
+        batch = 64 if content else len(uids) or 1
         for start in range(0, len(uids), batch):
             chunk = uids[start : start + batch]
             raws: list[bytes | None] = [None] * len(chunk)
-            if request.needs_content:
-                raws = list(await asyncio.gather(*(load(selected.records[u]) for u in chunk)))
+            if content and len(chunk) == 1:  # one message: no task to gather
+                raws = [await load(records[chunk[0]])]
+            elif content:
+                raws = list(await asyncio.gather(*(load(records[u]) for u in chunk)))
             for u, raw in zip(chunk, raws, strict=True):
-                record = selected.records[u]
+                record = records[u]
                 root = None
-                if request.needs_content:
+                if content:
                     if raw is None:
                         missing += 1
                         continue
                     root = self.structures.get(record.blob_hash, raw)
-                recent = u in selected.recent
-                parts = [fetchmod.build(i, record, raw, root, recent) for i in request.items]
+                recent = u in recents
+                parts = [fetchmod.build(i, record, raw, root, recent) for i in items]
                 if add_flags:
                     parts.append(b"FLAGS " + flag_list(record.flags, recent))
-                if add_flags and self.condstore and not request.has("MODSEQ"):
+                if add_modseq:
                     parts.append(b"MODSEQ (%d)" % record.modseq)
                 msn = selected.msn_of(u)
                 self.out += b"* %d FETCH (" % (msn or 0) + b" ".join(parts) + b")\r\n"
