@@ -129,7 +129,18 @@ def make_queue(url: str) -> Queue:
     )
 
 
+def _sibling_dir(url: str) -> str:
+    path = urlsplit(url).path
+    if not path or path == "/":
+        raise ConfigError(f"{url!r}: no directory path")
+    return path
+
+
 def make_cache(url: str) -> Cache:
+    if urlsplit(url).scheme == "siblings":
+        from postroom.store.sibling_cache import SiblingCache
+
+        return SiblingCache(_sibling_dir(url), _query_int(url, "max_entries", 10000))
     if urlsplit(url).scheme == "memory":
         from postroom.store.memory_cache import LruCache
 
@@ -143,7 +154,8 @@ def make_cache(url: str) -> Cache:
             raise ConfigError(f"{url!r}: {exc}") from None
     raise ConfigError(
         f"unsupported cache {url!r}"
-        " (embedded: memory://; scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
+        " (embedded: memory://, or siblings:///DIR for processes sharing a data dir;"
+        " scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
     )
 
 
@@ -167,6 +179,10 @@ def make_search(url: str) -> SearchIndex:
 
 
 def make_events(url: str) -> EventBus:
+    if urlsplit(url).scheme == "siblings":
+        from postroom.store.siblings import SiblingEventBus, SiblingGroup
+
+        return SiblingEventBus(SiblingGroup(_sibling_dir(url)))
     if urlsplit(url).scheme == "local":
         from postroom.store.local_events import LocalEventBus
 
@@ -180,7 +196,8 @@ def make_events(url: str) -> EventBus:
             raise ConfigError(f"{url!r}: {exc}") from None
     raise ConfigError(
         f"unsupported event bus {url!r}"
-        " (embedded: local://; scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
+        " (embedded: local://, or siblings:///DIR for processes sharing a data dir;"
+        " scale-out: redis://HOST:PORT/DB?prefix=NAME:)"
     )
 
 

@@ -89,9 +89,19 @@ class LocalEventBus:
             await subscription.close()
 
     async def publish(self, event: Event) -> None:
+        self.fan_out(event)
+
+    def fan_out(self, event: Event) -> None:
+        """Hand the event to this process's subscribers (what `publish` does), synchronously."""
         for subscription in list(self._subscriptions):
             if subscription.wants(event):
                 subscription.offer(event)
+
+    def interrupt(self) -> None:
+        """End every subscription as overflowed: they may have missed events."""
+        for subscription in list(self._subscriptions):
+            subscription.overflowed = True
+            subscription._end()
 
     async def subscribe(self, user_id: str | None = None) -> LocalSubscription:
         if self._closed:

@@ -35,8 +35,7 @@ class LruCache:
         pass
 
     async def close(self) -> None:
-        self._entries.clear()
-        self._buckets.clear()
+        self.clear()
 
     async def get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
@@ -63,6 +62,14 @@ class LruCache:
                 self._drop(key)
 
     async def delete_prefix(self, prefix: str) -> None:
+        self.drop_prefix(prefix)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._buckets.clear()
+
+    def drop_prefix(self, prefix: str) -> None:
+        """What `delete_prefix` does, synchronously."""
         bucket = bucket_of(prefix)
         if bucket:  # the prefix names one bucket: only its keys can start with it
             candidates = list(self._buckets.get(bucket, ()))

@@ -8,6 +8,8 @@ its server's maxmemory policy): the LRU's eviction is tested on an `LruCache` of
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -19,7 +21,7 @@ from postroom.store.cache import Cache
 from postroom.store.memory_cache import LruCache
 from tests.engines import require_redis, unique_name
 
-IMPLEMENTATIONS = ["memory", "redis"]
+IMPLEMENTATIONS = ["memory", "siblings", "redis"]
 
 CAPACITY = 3
 
@@ -27,6 +29,10 @@ CAPACITY = 3
 def _factory(name: str) -> Cache:
     if name == "memory":
         return LruCache(max_entries=1000)
+    if name == "siblings":
+        from postroom.store.sibling_cache import SiblingCache
+
+        return SiblingCache(tempfile.mkdtemp(prefix="ps-", dir="/tmp"), 1000)
     if name == "redis":
         from postroom.store.redis_cache import RedisCache
 
@@ -57,6 +63,10 @@ async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
     yield cache
     await cache.close()
     await _clean(cache)
+    from postroom.store.sibling_cache import SiblingCache
+
+    if isinstance(cache, SiblingCache):
+        shutil.rmtree(cache.directory, ignore_errors=True)
 
 
 async def test_get_set(cache: Cache) -> None:

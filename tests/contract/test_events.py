@@ -10,6 +10,8 @@ event was *not* delivered by publishing a marker afterwards and checking what ar
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,7 +28,7 @@ from postroom.store.events import (
 from postroom.store.local_events import LocalEventBus
 from tests.engines import require_redis, unique_name
 
-IMPLEMENTATIONS = ["local", "redis"]
+IMPLEMENTATIONS = ["local", "siblings", "redis"]
 
 TIMEOUT = 2.0
 
@@ -34,6 +36,10 @@ TIMEOUT = 2.0
 def _factory(name: str) -> EventBus:
     if name == "local":
         return LocalEventBus()
+    if name == "siblings":
+        from postroom.store.siblings import SiblingEventBus, SiblingGroup
+
+        return SiblingEventBus(SiblingGroup(tempfile.mkdtemp(prefix="ps-", dir="/tmp")))
     if name == "redis":
         from postroom.store.redis_events import RedisEventBus
 
@@ -47,6 +53,14 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[EventBus]:
     await bus.open()
     yield bus
     await bus.close()
+    _clean(bus)
+
+
+def _clean(bus: EventBus) -> None:
+    from postroom.store.siblings import SiblingEventBus
+
+    if isinstance(bus, SiblingEventBus):
+        shutil.rmtree(bus.group.directory, ignore_errors=True)
 
 
 class Reader:
