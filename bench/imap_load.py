@@ -290,10 +290,11 @@ async def idle_rss(target: Target, count: int) -> tuple[int, int, float]:
 # ------------------------------------------------------------------------------ servers
 
 def start_postroom(
-    work: Path, users: int, nodes: int = 1
+    work: Path, users: int, nodes: int = 1, shared: str = "siblings"
 ) -> tuple[list[subprocess.Popen[bytes]], Target]:
     """One node, or `nodes` nodes on one data dir (SQLite + files) sharing the IMAP port
-    (SO_REUSEPORT), with events and cache on the machine's Redis under a prefix of the run."""
+    (SO_REUSEPORT), with events and cache between them `shared` through siblings:///DIR (the
+    machine's sockets and shared memory) or the machine's Redis under a prefix of the run."""
     data = work / "postroom"
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env["POSTROOM_IMAP__CONNECTIONS_PER_USER"] = "100000"
@@ -301,10 +302,15 @@ def start_postroom(
     env.update(scaleout.ACTIVE)  # --scale: the scale-out engines
     if nodes > 1:
         env["POSTROOM_IMAP__REUSE_PORT"] = "true"
-        if not scaleout.ACTIVE:
+        if scaleout.ACTIVE:
+            pass
+        elif shared == "redis":
             prefix = f"imapbench_{os.getpid()}_{time.time_ns()}:"
             env["POSTROOM_STORAGE__EVENTS"] = f"{scaleout.REDIS}?prefix={prefix}"
             env["POSTROOM_STORAGE__CACHE"] = f"{scaleout.REDIS}?prefix={prefix}"
+        else:
+            env["POSTROOM_STORAGE__EVENTS"] = f"siblings://{data}/siblings"
+            env["POSTROOM_STORAGE__CACHE"] = f"siblings://{data}/siblings"
     cli = [sys.executable, "-m", "postroom.cli", "--data-dir", str(data)]
     subprocess.run([*cli, "domain", "add", DOMAIN], check=True, env=env, capture_output=True)
     names = [f"user{i}@{DOMAIN}" for i in range(users)]
@@ -425,9 +431,10 @@ async def run_all(args: argparse.Namespace) -> None:
         if args.scale:
             engines.enter_context(scaleout.engines(work))
         print(f"Postroom on {scaleout.describe()} engines"
-              + (f", {args.nodes} nodes sharing the IMAP port" if args.nodes > 1 else ""),
+              + (f", {args.nodes} nodes sharing the IMAP port, events and cache through"
+                 f" {args.shared}" if args.nodes > 1 else ""),
               flush=True)
-        procs, ours = start_postroom(work, args.users, args.nodes)
+        procs, ours = start_postroom(work, args.users, args.nodes, args.shared)
         dv_conf: Path | None = None
         anchor: Target | None = None
         try:
@@ -482,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-only", action="store_true",
                         help="only the APPEND phase, for the whole --seconds")
     parser.add_argument("--nodes", type=int, default=1,
-                        help="Postroom nodes on one data dir sharing the IMAP port (events and"
-                             " cache on Redis)")
+                        help="Postroom nodes on one data dir sharing the IMAP port")
+    parser.add_argument("--shared", choices=("siblings", "redis"), default="siblings",
+                        help="with --nodes: events and cache between the nodes through the"
+                             " machine (siblings:///DIR) or Redis")
     parser.add_argument("--scale", action="store_true",
                         help="Postroom on PostgreSQL + S3 + NATS + Redis (bench/scaleout.py)")
     args = parser.parse_args(argv)
