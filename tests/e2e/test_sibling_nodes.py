@@ -147,7 +147,8 @@ def test_b_goes_on_when_a_is_killed(pair: Pair) -> None:
     raw = RawImap(pair.node_b.imap_port)
     raw.ok(f"LOGIN {quote(ALICE)} {quote(PASSWORD_A)}")
     raw.ok("SELECT INBOX")
-    raw.ok("APPEND INBOX {%d+}\r\n%s" % (len(_message("after")), _message("after").decode()))
+    message = _message("after")
+    raw.ok(b"APPEND INBOX {%d+}\r\n%b" % (len(message), message))
     raw.ok("LOGOUT")
     assert not (pair.sockets / name).exists()  # B's event to it was refused: file removed
     with httpx.Client(base_url=pair.node_b.base_url, auth=(ALICE, PASSWORD_A),

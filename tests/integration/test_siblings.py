@@ -17,7 +17,7 @@ import pytest
 
 from postroom.store import siblings
 from postroom.store.errors import StoreError
-from postroom.store.events import MESSAGE_NEW, Event
+from postroom.store.events import MESSAGE_NEW, Event, Subscription
 from postroom.store.sibling_cache import SiblingCache
 from postroom.store.siblings import SiblingEventBus, SiblingGroup
 
@@ -61,8 +61,8 @@ async def pair(directory: Path) -> AsyncIterator[tuple[Node, Node]]:
     await b.close()
 
 
-async def next_event(subscription: object) -> Event:
-    return await asyncio.wait_for(anext(aiter(subscription)), 2)  # type: ignore[call-overload]
+async def next_event(subscription: Subscription) -> Event:
+    return await asyncio.wait_for(anext(aiter(subscription)), 2)
 
 
 async def test_events_reach_the_other_member_and_its_own(pair: tuple[Node, Node]) -> None:
