@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MESSAGE_NEW = "message.new"
@@ -26,7 +26,11 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # the fields by hand: dataclasses.asdict deep-copies `data` first, four times slower
+        return json.dumps({"type": self.type, "user_id": self.user_id,
+                           "folder_id": self.folder_id, "uid": self.uid, "modseq": self.modseq,
+                           "message_id": self.message_id, "data": self.data},
+                          separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Event:

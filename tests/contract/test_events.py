@@ -10,6 +10,8 @@ event was *not* delivered by publishing a marker afterwards and checking what ar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -172,6 +174,8 @@ async def test_encode_decode_round_trip() -> None:
     raw = event.encode()
     assert isinstance(raw, bytes)
     assert Event.decode(raw) == event
+    # every field, by name (nodes of two releases decode each other's events)
+    assert json.loads(raw) == dataclasses.asdict(event)
     assert Event.decode(Event("folder.changed", "u").encode()) == Event("folder.changed", "u")
 
 
