@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from postroom.store import fs_blobs
 from postroom.store.blobs import blob_hash
 from postroom.store.fs_blobs import FsBlobStore
 
@@ -51,3 +54,35 @@ async def test_a_put_survives_its_directory_vanishing_and_a_stale_temporary_name
     assert all(p.read_bytes() == b"left by a crash" for p in stale)
     assert [p.name for p in directory.iterdir() if not p.name.startswith(".tmp-")] == [digest]
     assert (directory / digest).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_put_into_a_new_directory_returns_once_the_new_entries_are_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directories a put makes are fsynced after the blob's own fsyncs (one journal
+    commit the fewer), but before the put returns: the leaf's entry for the blob, then the
+    first level's entry for the leaf. A put into a directory already made fsyncs only it."""
+    root = tmp_path / "blobs"
+    store = FsBlobStore(str(root))
+    await store.open()
+    synced: list[str] = []
+    real = fs_blobs._fsync_dir
+
+    def recording(path: str) -> None:
+        synced.append(os.path.relpath(path, root))
+        real(path)
+
+    monkeypatch.setattr(fs_blobs, "_fsync_dir", recording)
+    first = await store.put(b"into a new leaf")
+    leaf = os.path.join(first[0:2], first[2:4])
+    assert synced == [leaf, first[0:2], "."]  # the root gained the first level at once
+    synced.clear()
+    beside = next(data for n in range(100_000) if (digest := blob_hash(
+        data := f"x{n}".encode()))[0:2] == first[0:2] and digest[2:4] != first[2:4])
+    other = await store.put(beside)
+    assert synced == [os.path.join(other[0:2], other[2:4]), first[0:2]]
+    synced.clear()
+    again = next(data for n in range(100_000)
+                 if blob_hash(data := f"y{n}".encode()).startswith(first[0:4]))
+    await store.put(again)
+    assert synced == [leaf]
