@@ -448,6 +448,11 @@ def _log_vanished(
     )
 
 
+# Turns of the event loop a small write waits for another process's write lock before it goes
+# to the writer thread to wait there.
+_LOOP_TURNS = 4
+
+
 class _Busy(Exception):
     """Another connection holds the write lock (BEGIN IMMEDIATE answered SQLITE_BUSY)."""
 
@@ -707,13 +712,20 @@ class SqliteMetadataStore:
         conn = self._write_conn
         if conn is None or self._writer is None:
             raise StoreError("metadata store is not open")
-        if self._gate.locked():  # behind a big write, in order
-            return await self._write_big(fn, *args, **kwargs)
-        changes = conn.total_changes
-        try:
-            result = self._write_locked(conn, False, fn, *args, **kwargs)
-        except _Busy:  # another process is writing: wait for it on the writer thread
-            return await self._write_big(fn, *args, **kwargs)
+        for turn in range(_LOOP_TURNS):
+            if self._gate.locked():  # behind a big write, in order
+                return await self._write_big(fn, *args, **kwargs)
+            changes = conn.total_changes
+            try:
+                result = self._write_locked(conn, False, fn, *args, **kwargs)
+                break
+            except _Busy:
+                # Another process is writing (the server's other nodes on this machine):
+                # its transactions are short, so look again after a turn of the loop, then
+                # wait for it on the writer thread.
+                if turn == _LOOP_TURNS - 1:
+                    return await self._write_big(fn, *args, **kwargs)
+                await asyncio.sleep(0)
         if conn.total_changes != changes:
             self._commits += 1
         if self._on_disk < self._commits:

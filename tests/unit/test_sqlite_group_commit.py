@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -340,6 +342,45 @@ def test_a_write_that_changes_nothing_waits_only_for_what_it_may_have_read(
         assert await store._write(look) == 1
         assert syncs >= 1
         await made
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_write_that_meets_a_short_write_of_another_process_stays_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes on one machine take turns at the write lock many times a second: a small write
+    that finds it taken looks again after a turn of the event loop, and only a lock held
+    longer sends it to wait on the writer thread."""
+    path = str(tmp_path / "meta.db")
+
+    async def scenario() -> None:
+        store, user = await _open(path, "t")
+        to_thread: list[str] = []
+        real = store._write_big
+
+        async def recording(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            to_thread.append(getattr(fn, "__qualname__", "?"))
+            return await real(fn, *args, **kwargs)
+
+        monkeypatch.setattr(store, "_write_big", recording)
+        other = os.open(path + WRITE_LOCK_SUFFIX, os.O_RDWR)  # another open file: another lock
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            asyncio.get_running_loop().call_soon(fcntl.flock, other, fcntl.LOCK_UN)
+            await store.create_folder(user.user_id, "After a turn")
+            assert to_thread == []  # done on the loop once the other let go
+            fcntl.flock(other, fcntl.LOCK_EX)
+            write = asyncio.create_task(store.create_folder(user.user_id, "Waited"))
+            await asyncio.sleep(0.2)
+            assert len(to_thread) == 1 and not write.done()  # held longer: the writer thread
+            fcntl.flock(other, fcntl.LOCK_UN)
+            await asyncio.wait_for(write, 10)
+        finally:
+            os.close(other)
+        names = {f.name for f in await store.list_folders(user.user_id)}
+        assert {"After a turn", "Waited"} <= names
         await store.close()
 
     asyncio.run(scenario())
