@@ -64,6 +64,21 @@ def test_redis_urls() -> None:
         make_events("kafka://h")
 
 
+def test_siblings_urls() -> None:
+    from postroom.store.sibling_cache import SiblingCache
+    from postroom.store.siblings import SiblingEventBus
+
+    cache = make_cache("siblings:///var/lib/postroom/siblings?max_entries=500")
+    assert isinstance(cache, SiblingCache)
+    assert (str(cache.directory), cache.max_entries) == ("/var/lib/postroom/siblings", 500)
+    events = make_events("siblings:///var/lib/postroom/siblings")
+    assert isinstance(events, SiblingEventBus)
+    assert str(events.group.directory) == "/var/lib/postroom/siblings"
+    for make in (make_cache, make_events):
+        with pytest.raises(ConfigError, match="no directory"):
+            make("siblings://")
+
+
 def test_cache_buckets() -> None:
     assert bucket_of("u:123:list:INBOX") == "u:123:"
     assert bucket_of("u:123:") == "u:123:"
