@@ -59,7 +59,7 @@ class SiblingCache(LruCache):
     async def open(self) -> None:
         if self._map is not None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.directory / STAMPS_FILE
         size = self.slots * _STAMP.size
         try:

@@ -97,7 +97,8 @@ class SiblingGroup:
         self._users += 1
         if self._sock is not None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # only this user's processes may join: sending to a socket needs write permission
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = f"{os.getpid()}-{secrets.token_hex(4)}"
         path = str(self.directory / name)
         if len(path.encode()) > MAX_PATH:
@@ -107,6 +108,7 @@ class SiblingGroup:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(path)
+            os.chmod(path, 0o600)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()

@@ -187,3 +187,13 @@ async def test_a_directory_too_long_for_a_socket_address() -> None:
     group = SiblingGroup("/tmp/" + "d" * 120)
     with pytest.raises(StoreError, match="too long"):
         await group.open()
+
+
+async def test_only_the_owner_may_send_to_a_member(tmp_path: Path) -> None:
+    directory = tmp_path / "s"  # made by the group, for its user alone
+    a = await Node(directory).open()
+    try:
+        assert (directory.stat().st_mode & 0o777) == 0o700
+        assert ((directory / a.group.name).stat().st_mode & 0o777) == 0o600
+    finally:
+        await a.close()
