@@ -1,8 +1,8 @@
 """The cache of the processes of one machine that share a data dir (`siblings:///DIR` for
-`[storage] cache`): each process keeps its own LRU, and a page of memory they all map says
-which entries a change has made stale.
+`[storage] cache`): each process keeps its own LRU, and memory they all map says which
+entries a change has made stale.
 
-The shared page is a file, DIR/.cache-stamps, of `SLOTS` eight-byte stamps, mapped by every
+The shared map is a file, DIR/.cache-stamps, of `SLOTS` eight-byte stamps, mapped by every
 process (MAP_SHARED: one copy in the page cache; nothing is written to disk that matters). A
 key's *bucket* (up to its second colon: `u:<user id>:` for MailService's keys) hashes to one
 slot, and the key itself to another; slot 0 is the epoch, for everything. An entry remembers
@@ -84,13 +84,17 @@ class SiblingCache(LruCache):
     def _slot(self, name: str) -> int:
         return 1 + zlib.crc32(name.encode()) % (self.slots - 1)
 
+    def _shared(self) -> mmap.mmap:
+        if self._map is None:
+            raise StoreError("cache is not open")
+        return self._map
+
     def _read(self, slot: int) -> int:
-        assert self._map is not None, "cache is not open"
-        return int(_STAMP.unpack_from(self._map, slot * _STAMP.size)[0])
+        return int(_STAMP.unpack_from(self._shared(), slot * _STAMP.size)[0])
 
     def _stamp(self, slot: int) -> None:
-        assert self._map is not None, "cache is not open"
-        _STAMP.pack_into(self._map, slot * _STAMP.size, int.from_bytes(secrets.token_bytes(8)))
+        _STAMP.pack_into(self._shared(), slot * _STAMP.size,
+                         int.from_bytes(secrets.token_bytes(8)))
 
     def _now(self, key: str) -> tuple[int, int, int]:
         return (self._read(0), self._read(self._slot(bucket_of(key))),

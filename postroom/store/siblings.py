@@ -15,7 +15,7 @@ for a system call per member:
   sender wait. The sender does not wait: it queues what the member could not take yet and sends
   it when the member's socket can take more (the loop watches it), in order. Only past
   `BACKLOG` queued datagrams does it drop them; every datagram carries a sequence number per
-  pair of members, so the receiver sees the gap and says so (`on_gap`): the event bus then ends
+  pair of members, so the receiver sees the gap and says so (`gap_handlers`): the event bus ends
   its subscriptions as overflowed (subscribers resynchronise from the store, as for a slow
   subscriber).
 - A member that died leaves its socket file; connecting to it is refused, and the sender then
@@ -268,7 +268,6 @@ class SiblingGroup:
                 handler(payload)
             except Exception:
                 log.exception("siblings: handling a %r datagram failed", kind)
-
 
 
 # ------------------------------------------------------------------------ the event bus

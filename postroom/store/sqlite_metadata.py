@@ -726,6 +726,8 @@ class SqliteMetadataStore:
                 if turn == _LOOP_TURNS - 1:
                     return await self._write_big(fn, *args, **kwargs)
                 await asyncio.sleep(0)
+                if self._write_conn is not conn:
+                    raise StoreError("metadata store is not open") from None
         if conn.total_changes != changes:
             self._commits += 1
         if self._on_disk < self._commits:
