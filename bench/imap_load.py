@@ -302,13 +302,11 @@ def start_postroom(
     env.update(scaleout.ACTIVE)  # --scale: the scale-out engines
     if nodes > 1:
         env["POSTROOM_IMAP__REUSE_PORT"] = "true"
-        if scaleout.ACTIVE:
-            pass
-        elif shared == "redis":
+        if shared == "redis" and not scaleout.ACTIVE:  # --scale brings its own Redis URLs
             prefix = f"imapbench_{os.getpid()}_{time.time_ns()}:"
             env["POSTROOM_STORAGE__EVENTS"] = f"{scaleout.REDIS}?prefix={prefix}"
             env["POSTROOM_STORAGE__CACHE"] = f"{scaleout.REDIS}?prefix={prefix}"
-        else:
+        elif not scaleout.ACTIVE:
             env["POSTROOM_STORAGE__EVENTS"] = f"siblings://{data}/siblings"
             env["POSTROOM_STORAGE__CACHE"] = f"siblings://{data}/siblings"
     cli = [sys.executable, "-m", "postroom.cli", "--data-dir", str(data)]
