@@ -50,8 +50,10 @@ class StorageSettings(BaseModel):
     blobs: str = "file:///{data_dir}/blobs"
     search: str = "sqlite:///{data_dir}/search.db"
     queue: str = "sqlite:///{data_dir}/queue.db"
-    cache: str = "memory://?max_entries=10000"
-    events: str = "local://"
+    # Shared by every process on this data dir (the server, its sibling nodes, the CLI's
+    # `postroom import`): docs/OPERATIONS.md. memory:// and local:// keep them in one process.
+    cache: str = "siblings://{data_dir}/siblings?max_entries=10000"
+    events: str = "siblings://{data_dir}/siblings"
     # Blob collection (postroom/blob_collector.py): every `blob_collect_interval` seconds (0:
     # never), blobs whose last reference went more than `blob_grace` seconds ago are deleted.
     blob_collect_interval: float = Field(default=3600.0, ge=0)

@@ -1,5 +1,6 @@
 """MailService's read-through cache: first pages of folder listings, message summaries and
-folder lists with counts, per user, on the cache seam (in-process LRU, or Redis for every node).
+folder lists with counts, per user, on the cache seam (an LRU per process, shared by the
+processes of a data dir through siblings://, or Redis for every node).
 
 Freshness rests on a per-user *generation*: a random token kept in the cache at `u:USER:gen`
 and part of every entry's key (`u:USER:GEN:...`).

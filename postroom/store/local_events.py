@@ -1,4 +1,5 @@
-"""The embedded event bus: in-process fan-out to asyncio queues.
+"""The in-process event bus (`local://`): fan-out to asyncio queues; the embedded default,
+siblings://, is this plus the other processes of the data dir (postroom.store.siblings).
 
 Publishing never waits for a subscriber. Each subscription buffers up to `queue_size` events;
 a subscriber that falls that far behind is dropped: its subscription is closed and its iterator

@@ -1,4 +1,5 @@
-"""The embedded cache: an in-process LRU with an optional time-to-live per entry."""
+"""An in-process LRU (`memory://`) with an optional time-to-live per entry; the embedded default,
+siblings://, adds invalidation by every process of the data dir (postroom.store.sibling_cache)."""
 
 from __future__ import annotations
 

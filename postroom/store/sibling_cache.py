@@ -27,6 +27,7 @@ before the store is read. This cache keeps the `Cache` contract exactly as Redis
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import secrets
@@ -36,6 +37,8 @@ from pathlib import Path
 
 from postroom.store.errors import StoreError
 from postroom.store.memory_cache import LruCache, bucket_of
+
+log = logging.getLogger(__name__)
 
 SLOTS = 65536
 STAMPS_FILE = ".cache-stamps"
@@ -59,10 +62,10 @@ class SiblingCache(LruCache):
     async def open(self) -> None:
         if self._map is not None:
             return
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.directory / STAMPS_FILE
         size = self.slots * _STAMP.size
         try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 if os.fstat(fd).st_size < size:
@@ -72,7 +75,11 @@ class SiblingCache(LruCache):
             finally:
                 os.close(fd)
         except (OSError, ValueError) as exc:
-            raise StoreError(f"cache: cannot map {path}: {exc}") from exc
+            # The embedded default must not keep a node from starting: stamps of its own,
+            # which other processes' changes do not reach (what memory:// is).
+            log.warning("cache: cannot map %s (%s); other processes' changes will not drop "
+                        "this process's entries before they expire", path, exc)
+            self._map = mmap.mmap(-1, size)
 
     async def close(self) -> None:
         await super().close()

@@ -25,8 +25,8 @@ The kernel's queue per socket is short (`net.unix.max_dgram_qlen`, 10 to 512 dat
 burst of events often waits in the sender's queue for a moment; what must be fresh at once,
 the cache, does not travel this way but through memory the processes share.
 
-Linux and other Unixes only; DIR's path must be short enough for a socket address (about 90
-bytes, the socket's own name included).
+Linux and other Unixes only. A socket's address holds about 100 bytes: a longer DIR is reached
+through the directory's open descriptor (`/proc/self/fd/N/NAME`, Linux).
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class SiblingGroup:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._members: dict[str, _Member] = {}
+        self._dirfd: int | None = None
         self._received: dict[str, int] = {}  # member name -> last sequence number read
         self._users = 0
 
@@ -98,26 +99,29 @@ class SiblingGroup:
         if self._sock is not None:
             return
         # only this user's processes may join: sending to a socket needs write permission
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{secrets.token_hex(4)}"
-        path = str(self.directory / name)
-        if len(path.encode()) > MAX_PATH:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
             self._users -= 1
-            raise StoreError(f"siblings: {self.directory} is too long a path for a Unix socket "
-                             f"(at most {MAX_PATH - len(name) - 1} bytes)")
+            raise StoreError(f"siblings: cannot use {self.directory}: {exc}") from exc
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.bind(path)
-            os.chmod(path, 0o600)
+            sock.bind(self._address(name))
+            os.chmod(name, 0o600, dir_fd=self._dirfd)
             sock.setblocking(False)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             sock.close()
             self._users -= 1
-            raise StoreError(f"siblings: cannot bind {path}: {exc}") from exc
+            os.close(self._dirfd)
+            self._dirfd = None
+            raise StoreError(f"siblings: cannot bind a socket in {self.directory}: {exc}"
+                             ) from exc
         self._sock, self.name = sock, name
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self.drain)
-        for entry in os.scandir(self.directory):
+        for entry in os.scandir(self._dirfd):
             if entry.name != name and not entry.name.startswith("."):
                 member = self._member(entry.name)
                 if member is not None:
@@ -131,11 +135,26 @@ class SiblingGroup:
         if self._loop is not None:
             self._loop.remove_reader(sock.fileno())
         sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.directory / self.name)
+        self._unlink(self.name)
         for member in list(self._members.values()):
             self._forget(member)
         self._received.clear()
+        if self._dirfd is not None:
+            os.close(self._dirfd)
+            self._dirfd = None
+
+    def _address(self, name: str) -> str:
+        path = str(self.directory / name)
+        if len(path.encode()) <= MAX_PATH:
+            return path
+        if self._dirfd is None or not os.path.isdir("/proc/self/fd"):
+            raise StoreError(f"siblings: {self.directory} is too long a path for a Unix socket")
+        return f"/proc/self/fd/{self._dirfd}/{name}"
+
+    def _unlink(self, name: str) -> None:
+        if self._dirfd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._dirfd)
 
     # Sending
 
@@ -192,10 +211,9 @@ class SiblingGroup:
 
     def _failed(self, member: _Member, exc: OSError) -> None:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN):
-            log.info("siblings: %s is gone", member.name)
+            log.debug("siblings: %s is gone", member.name)
             if exc.errno == errno.ECONNREFUSED:  # its process died and left the file
-                with contextlib.suppress(OSError):
-                    os.unlink(self.directory / member.name)
+                self._unlink(member.name)
         else:
             log.warning("siblings: sending to %s failed: %s", member.name, exc)
         self._forget(member)
@@ -206,13 +224,12 @@ class SiblingGroup:
             return member
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.connect(str(self.directory / name))
+            sock.connect(self._address(name))
             sock.setblocking(False)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             sock.close()
-            if exc.errno == errno.ECONNREFUSED:  # a dead process's socket file
-                with contextlib.suppress(OSError):
-                    os.unlink(self.directory / name)
+            if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+                self._unlink(name)  # a dead process's socket file
             return None
         member = self._members[name] = _Member(name, sock)
         return member
@@ -289,7 +306,10 @@ class SiblingEventBus(LocalEventBus):
 
     async def open(self) -> None:
         await super().open()
-        await self.group.open()
+        try:
+            await self.group.open()
+        except StoreError as exc:  # the embedded default must not keep a node from starting
+            log.warning("%s; events reach this process's subscribers only", exc)
 
     async def close(self) -> None:
         await super().close()

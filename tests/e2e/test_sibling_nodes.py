@@ -154,3 +154,35 @@ def test_b_goes_on_when_a_is_killed(pair: Pair) -> None:
     with httpx.Client(base_url=pair.node_b.base_url, auth=(ALICE, PASSWORD_A),
                       timeout=30) as api:
         assert "after" in _listed(api)
+
+
+def test_the_default_lets_the_cli_reach_a_running_server(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With the default configuration, mail that `postroom import` files while the server runs
+    wakes the server's IDLE sessions and shows in its (cached) listings at once."""
+    server = ServerProcess(tmp_path_factory.mktemp("default") / "data")
+    server.cli("domain", "add", "example.test")
+    server.cli("user", "add", ALICE, "--password", PASSWORD_A)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.base_url, auth=(ALICE, PASSWORD_A),
+                          timeout=30) as api:
+            assert _listed(api) == {}  # now cached, empty
+            raw = RawImap(server.imap_port)
+            raw.ok(f"LOGIN {quote(ALICE)} {quote(PASSWORD_A)}")
+            raw.ok("SELECT INBOX")
+            tag = raw.tag()
+            raw.send(f"{tag} IDLE\r\n".encode())
+            assert raw.line().startswith(b"+")
+            mbox = server.data_dir.parent / "old.mbox"
+            mbox.write_bytes(b"From carol@example.org Tue Mar  5 10:00:00 2024\n"
+                             + _message("imported").replace(b"\r\n", b"\n"))
+            server.cli("import", "mbox", str(mbox), "--user", ALICE)
+            raw.sock.settimeout(10)
+            assert raw.line() == b"* 1 EXISTS"  # woken by the CLI's process
+            raw.send(b"DONE\r\n")
+            raw.until(tag)
+            raw.ok("LOGOUT")
+            assert list(_listed(api)) == ["imported"]  # the cached listing was dropped
+    finally:
+        server.stop()

@@ -14,8 +14,10 @@ def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     assert s.data_dir == Path("postroom-data")
     assert s.storage.metadata.startswith("sqlite://") and s.storage.blobs.startswith("file://")
-    assert s.storage.queue.startswith("sqlite://") and s.storage.cache.startswith("memory://")
-    assert s.storage.events == "local://" and s.storage.search.startswith("sqlite://")
+    assert s.storage.queue.startswith("sqlite://")
+    assert s.storage.cache.startswith("siblings://{data_dir}/siblings")
+    assert s.storage.events == "siblings://{data_dir}/siblings"
+    assert s.storage.search.startswith("sqlite://")
     assert s.http.listen == "127.0.0.1:8080"
 
 
