@@ -30,8 +30,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import secrets
-import struct
+import random
 import zlib
 from pathlib import Path
 
@@ -42,7 +41,14 @@ log = logging.getLogger(__name__)
 
 SLOTS = 65536
 STAMPS_FILE = ".cache-stamps"
-_STAMP = struct.Struct("=Q")
+_STAMP_SIZE = 8
+
+
+def _fresh() -> int:
+    """A new stamp: random, so that two processes stamping one slot at once cannot write the
+    same value (a change lost). Not secret: the process's Mersenne Twister, seeded from the
+    system's randomness, is enough and costs no system call."""
+    return random.getrandbits(64)
 
 
 class SiblingCache(LruCache):
@@ -56,14 +62,16 @@ class SiblingCache(LruCache):
         self.directory = Path(directory)
         self.slots = slots
         self._map: mmap.mmap | None = None
-        # key -> (epoch, bucket's stamp, key's stamp) when it was stored
-        self._stamps: dict[str, tuple[int, int, int]] = {}
+        self._words: memoryview | None = None  # the map as 64-bit words
+        # key -> (its bucket's slot, its own slot, and the epoch's, the bucket's and its own
+        # stamp when it was stored)
+        self._stamps: dict[str, tuple[int, int, int, int, int]] = {}
 
     async def open(self) -> None:
         if self._map is not None:
             return
         path = self.directory / STAMPS_FILE
-        size = self.slots * _STAMP.size
+        size = self.slots * _STAMP_SIZE
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -80,10 +88,14 @@ class SiblingCache(LruCache):
             log.warning("cache: cannot map %s (%s); other processes' changes will not drop "
                         "this process's entries before they expire", path, exc)
             self._map = mmap.mmap(-1, size)
+        self._words = memoryview(self._map).cast("Q")
 
     async def close(self) -> None:
         await super().close()
         self._stamps.clear()
+        words, self._words = self._words, None
+        if words is not None:
+            words.release()
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -91,21 +103,10 @@ class SiblingCache(LruCache):
     def _slot(self, name: str) -> int:
         return 1 + zlib.crc32(name.encode()) % (self.slots - 1)
 
-    def _shared(self) -> mmap.mmap:
-        if self._map is None:
+    def _shared(self) -> memoryview:
+        if self._words is None:
             raise StoreError("cache is not open")
-        return self._map
-
-    def _read(self, slot: int) -> int:
-        return int(_STAMP.unpack_from(self._shared(), slot * _STAMP.size)[0])
-
-    def _stamp(self, slot: int) -> None:
-        _STAMP.pack_into(self._shared(), slot * _STAMP.size,
-                         int.from_bytes(secrets.token_bytes(8)))
-
-    def _now(self, key: str) -> tuple[int, int, int]:
-        return (self._read(0), self._read(self._slot(bucket_of(key))),
-                self._read(self._slot(key)))
+        return self._words
 
     # The Cache protocol
 
@@ -113,38 +114,43 @@ class SiblingCache(LruCache):
         stamps = self._stamps.get(key)
         if stamps is None:
             return None
-        if stamps != self._now(key):
+        words = self._shared()
+        in_bucket, own, epoch, bucket_stamp, key_stamp = stamps
+        if words[0] != epoch or words[in_bucket] != bucket_stamp or words[own] != key_stamp:
             self._drop(key)
             return None
         return await super().get(key)
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        words = self._shared()
         await super().set(key, value, ttl)
         if key in self._entries:
-            self._stamps[key] = self._now(key)
+            in_bucket, own = self._slot(bucket_of(key)), self._slot(key)
+            self._stamps[key] = (in_bucket, own, words[0], words[in_bucket], words[own])
 
     async def delete(self, *keys: str) -> None:
+        words = self._shared()
         for slot in {self._slot(key) for key in keys}:
-            self._stamp(slot)
+            words[slot] = _fresh()
         await super().delete(*keys)
 
     async def delete_prefix(self, prefix: str) -> None:
         # A new stamp for the prefix's bucket (or a new epoch, for a prefix shorter than a
         # bucket: nothing MailService does) makes every other process drop all of it; this
         # process drops exactly the prefix's entries and keeps the rest of the bucket.
+        words = self._shared()
         bucket = bucket_of(prefix)
-        slot, part = (self._slot(bucket), 1) if bucket else (0, 0)
-        before = self._read(slot)
-        self._stamp(slot)
+        slot = self._slot(bucket) if bucket else 0
+        before = words[slot]
+        words[slot] = after = _fresh()
         await super().delete_prefix(prefix)
-        after = self._read(slot)
         survivors = self._buckets.get(bucket, ()) if bucket else list(self._stamps)
         for key in survivors:
-            epoch, in_bucket, own = self._stamps[key]
-            if part == 0 and epoch == before:
-                self._stamps[key] = (after, in_bucket, own)
-            elif part == 1 and in_bucket == before:
-                self._stamps[key] = (epoch, after, own)
+            in_bucket, own, epoch, bucket_stamp, key_stamp = self._stamps[key]
+            if slot == 0 and epoch == before:
+                self._stamps[key] = (in_bucket, own, after, bucket_stamp, key_stamp)
+            elif slot == in_bucket and bucket_stamp == before:
+                self._stamps[key] = (in_bucket, own, epoch, after, key_stamp)
 
     def clear(self) -> None:
         super().clear()

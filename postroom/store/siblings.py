@@ -317,7 +317,8 @@ class SiblingEventBus(LocalEventBus):
 
     async def publish(self, event: Event) -> None:
         self.fan_out(event)
-        self.group.send(EVENT, event.encode())
+        if self.group._members:  # alone (the usual single process): nothing to encode
+            self.group.send(EVENT, event.encode())
 
     def _received(self, payload: bytes) -> None:
         try:
