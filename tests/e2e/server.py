@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +116,20 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+@contextlib.contextmanager
+def running_nodes(*nodes: ServerProcess, user: str, password: str,
+                  domain: str = "example.test") -> Iterator[None]:
+    """Nodes sharing their storage: the domain and the user made through the first, every node
+    started in turn, and each one still running stopped at the end."""
+    try:
+        nodes[0].cli("domain", "add", domain)
+        nodes[0].cli("user", "add", user, "--password", password)
+        for node in nodes:
+            node.start()
+        yield
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.stop()

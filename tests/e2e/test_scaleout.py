@@ -27,7 +27,7 @@ import pytest
 
 from tests.e2e.conftest import PASSWORD_A
 from tests.e2e.imap_helpers import RawImap, quote
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, running_nodes
 from tests.engines import S3Server, require_nats, require_redis, unique_name
 from tests.pgtest import open_test_database, run_in_thread
 
@@ -125,15 +125,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> It
     node_a = ServerProcess(base / "a", env=env)
     node_b = ServerProcess(base / "b", env=env, extra_args=["--roles", "http,imap,pop3,workers"])
     try:
-        node_a.cli("domain", "add", "example.test")
-        node_a.cli("user", "add", ALICE, "--password", PASSWORD_A)
-        node_a.start()
-        node_b.start()
-        yield Cluster(node_a, node_b, env)
+        with running_nodes(node_a, node_b, user=ALICE, password=PASSWORD_A):
+            yield Cluster(node_a, node_b, env)
     finally:
-        for node in (node_a, node_b):
-            if node.proc is not None and node.proc.poll() is None:
-                node.stop()
         try:
             _cleanup_engines(prefix)
         finally:

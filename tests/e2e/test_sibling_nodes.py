@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.conftest import PASSWORD_A
 from tests.e2e.imap_helpers import RawImap, quote
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, running_nodes
 
 ALICE = "alice@example.test"
 
@@ -52,16 +52,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
            "POSTROOM_SPAM__ENABLED": "false"}
     node_a = ServerProcess(data, env=env)
     node_b = ServerProcess(data, env=env, extra_args=["--roles", "http,imap"])
-    try:
-        node_a.cli("domain", "add", "example.test")
-        node_a.cli("user", "add", ALICE, "--password", PASSWORD_A)
-        node_a.start()
-        node_b.start()
+    with running_nodes(node_a, node_b, user=ALICE, password=PASSWORD_A):
         yield Pair(node_a, node_b, sockets)
-    finally:
-        for node in (node_a, node_b):
-            if node.proc is not None and node.proc.poll() is None:
-                node.stop()
 
 
 def _send(node: ServerProcess, subject: str) -> None:
