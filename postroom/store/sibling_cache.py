@@ -91,8 +91,7 @@ class SiblingCache(LruCache):
         self._words = memoryview(self._map).cast("Q")
 
     async def close(self) -> None:
-        await super().close()
-        self._stamps.clear()
+        await super().close()  # clear(): the entries and their stamps
         words, self._words = self._words, None
         if words is not None:
             words.release()

@@ -86,16 +86,14 @@ class SiblingGroup:
         self._members: dict[str, _Member] = {}
         self._dirfd: int | None = None
         self._received: dict[str, int] = {}  # member name -> last sequence number read
-        self._users = 0
 
     @property
     def members(self) -> list[str]:
         return sorted(self._members)
 
-    # Lifecycle: counted, so that more than one user in a process could share a membership.
+    # Lifecycle
 
     async def open(self) -> None:
-        self._users += 1
         if self._sock is not None:
             return
         # only this user's processes may join: sending to a socket needs write permission
@@ -103,7 +101,6 @@ class SiblingGroup:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            self._users -= 1
             raise StoreError(f"siblings: cannot use {self.directory}: {exc}") from exc
         name = f"{os.getpid()}-{secrets.token_hex(4)}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -113,7 +110,6 @@ class SiblingGroup:
             sock.setblocking(False)
         except (OSError, StoreError) as exc:
             sock.close()
-            self._users -= 1
             os.close(self._dirfd)
             self._dirfd = None
             raise StoreError(f"siblings: cannot bind a socket in {self.directory}: {exc}"
@@ -128,8 +124,7 @@ class SiblingGroup:
                     self._send_to(member, HELLO, b"")
 
     async def close(self) -> None:
-        self._users = max(0, self._users - 1)
-        if self._users or self._sock is None:
+        if self._sock is None:
             return
         sock, self._sock = self._sock, None
         if self._loop is not None:
