@@ -19,13 +19,10 @@ from typing import Any
 import pytest
 
 from postroom.core.models import User
-from postroom.store import sqlite_metadata
+from postroom.store import sqlite_file
 from postroom.store.errors import Conflict, StoreError
-from postroom.store.sqlite_metadata import (
-    _CHECKPOINT_EVERY,
-    WRITE_LOCK_SUFFIX,
-    SqliteMetadataStore,
-)
+from postroom.store.sqlite_file import _CHECKPOINT_EVERY, WRITE_LOCK_SUFFIX
+from postroom.store.sqlite_metadata import SqliteMetadataStore
 
 
 def test_concurrent_writes_fail_alone_and_persist(tmp_path: Path) -> None:
@@ -234,7 +231,7 @@ def test_a_write_gives_up_on_a_process_that_never_lets_go_of_the_lock(
     and writes succeed again once that process is gone."""
     path = str(tmp_path / "meta.db")
     user, holder = _user_and_lock_holder(path, "h", "time.sleep(60)\n")
-    monkeypatch.setattr(sqlite_metadata, "BUSY_TIMEOUT_MS", 400)
+    monkeypatch.setattr(sqlite_file, "BUSY_TIMEOUT_MS", 400)
 
     async def scenario() -> None:
         store = SqliteMetadataStore(path)
