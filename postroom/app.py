@@ -94,10 +94,22 @@ async def migrate_metadata(
 def make_blobs(url: str) -> BlobStore:
     parts = urlsplit(url)
     if parts.scheme == "file":
-        from postroom.store.fs_blobs import FsBlobStore
+        from postroom.store.fs_blobs import PACK_MAX, FsBlobStore
 
         Path(parts.path).mkdir(parents=True, exist_ok=True)
-        return FsBlobStore(parts.path)
+        options = parse_qs(parts.query)
+        unknown = set(options) - {"pack_max"}
+        if unknown:
+            raise ConfigError(f"blob store {url!r}: unknown option {sorted(unknown)[0]!r}"
+                              " (file:///DIR?pack_max=BYTES)")
+        try:
+            pack_max = int(options.get("pack_max", [str(PACK_MAX)])[-1])
+            if pack_max < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"blob store {url!r}: pack_max must be a number of bytes,"
+                              " 0 for none") from None
+        return FsBlobStore(parts.path, pack_max=pack_max)
     if parts.scheme == "s3":
         from postroom.store.s3_blobs import S3BlobStore
 

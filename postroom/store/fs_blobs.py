@@ -9,6 +9,11 @@ and concurrent puts of the same bytes simply replace one complete file with an i
 The blob collector moves a blob it means to delete to `root/quarantine/<sha256hex>` first; a put
 of the same bytes meanwhile stores it afresh, and a get brings the quarantined copy back. A put
 of bytes already stored touches the file, so its mtime is the last put.
+
+Blobs of at most `pack_max` bytes (128 KiB unless the URL says `?pack_max=N`; 0: none) go to a
+SQLite file instead, `root/pack/blobs.db` (`postroom/store/sqlite_blobs.py`): one fsync shared
+by every put made meanwhile instead of three of its own. A get looks there first, then for the
+file, so a store written before the pack existed (or with another `pack_max`) reads the same.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from collections.abc import AsyncIterator
 
 from postroom.store.blobs import DIGEST, blob_hash, check_digest
 from postroom.store.errors import NotFound
+from postroom.store.sqlite_blobs import SqliteBlobPack
 
 _TEMP_PREFIX = ".tmp-"
 _QUARANTINE = "quarantine"  # blobs the collector moved aside (not a two-hex fan-out name)
+_PACK = "pack"  # the SQLite file of small blobs (not a two-hex fan-out name either)
+PACK_MAX = 128 * 1024
 
 
 def _list_dir(path: str) -> list[str]:
@@ -45,8 +53,11 @@ def _fsync_dir(path: str) -> None:
 class FsBlobStore:
     """`BlobStore` on a local directory (`file:///var/lib/postroom/blobs`)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, pack_max: int = PACK_MAX) -> None:
         self.root = os.path.abspath(root)
+        self.pack_max = pack_max
+        self.pack = (SqliteBlobPack(os.path.join(self.root, _PACK, "blobs.db"))
+                     if pack_max > 0 else None)
         # directories this store has seen exist: a put into one skips looking (the fan-out
         # never shrinks; if one vanishes anyway, the put makes it again)
         self._known_dirs: set[str] = set()
@@ -59,11 +70,17 @@ class FsBlobStore:
 
     async def open(self) -> None:
         await asyncio.to_thread(self._make_dirs, self.root)
+        if self.pack is not None:
+            await asyncio.to_thread(self._make_dirs, os.path.dirname(self.pack.path))
+            await self.pack.open()
 
     async def close(self) -> None:
-        pass
+        if self.pack is not None:
+            await self.pack.close()
 
     async def put(self, data: bytes) -> str:
+        if self.pack is not None and len(data) <= self.pack_max:
+            return await self.pack.put(data)
         digest = blob_hash(data)
         await asyncio.to_thread(self._write, digest, bytes(data))
         return digest
@@ -74,6 +91,9 @@ class FsBlobStore:
 
     async def get(self, digest: str) -> bytes:
         path = self.path_of(digest)
+        if self.pack is not None:
+            with contextlib.suppress(NotFound):
+                return await self.pack.get(digest)
         try:
             return await asyncio.to_thread(self._read, path)
         except FileNotFoundError:
@@ -84,22 +104,41 @@ class FsBlobStore:
             raise NotFound(f"blob {digest}") from None
 
     async def exists(self, digest: str) -> bool:
-        return await asyncio.to_thread(os.path.isfile, self.path_of(digest))
+        path = self.path_of(digest)
+        if self.pack is not None and await self.pack.exists(digest):
+            return True
+        return await asyncio.to_thread(os.path.isfile, path)
+
+    # A blob is in the pack or a file; both, if the pack came after the file (or `pack_max`
+    # changed): then each copy is deleted, quarantined, restored and purged alike.
 
     async def delete(self, digest: str) -> None:
         path = self.path_of(digest)
+        if self.pack is not None:
+            await self.pack.delete(digest)
         await asyncio.to_thread(self._unlink, path)
 
     async def quarantine(self, digest: str, untouched_for: float) -> bool:
-        return await asyncio.to_thread(self._quarantine, digest, untouched_for)
+        check_digest(digest)
+        packed = self.pack is not None and await self.pack.quarantine(digest, untouched_for)
+        return await asyncio.to_thread(self._quarantine, digest, untouched_for) or packed
 
     async def restore(self, digest: str) -> None:
+        check_digest(digest)
+        if self.pack is not None:
+            await self.pack.restore(digest)
         await asyncio.to_thread(self._restore, digest)
 
     async def purge(self, digest: str) -> None:
-        await asyncio.to_thread(self._unlink, self.quarantine_path_of(digest))
+        path = self.quarantine_path_of(digest)
+        if self.pack is not None:
+            await self.pack.purge(digest)
+        await asyncio.to_thread(self._unlink, path)
 
     async def scan(self, untouched_for: float) -> AsyncIterator[str]:
+        if self.pack is not None:
+            async for digest in self.pack.scan(untouched_for):
+                yield digest
         for first in sorted(await asyncio.to_thread(_list_dir, self.root)):
             if len(first) != 2:
                 continue  # the quarantine, anything not a fan-out directory
@@ -144,6 +183,8 @@ class FsBlobStore:
     def _restore(self, digest: str) -> None:
         held = self.quarantine_path_of(digest)
         final = self.path_of(digest)
+        if not os.path.isfile(held):
+            return  # nothing held (or in the pack, not a file)
         if os.path.isfile(final):  # stored afresh meanwhile: the same bytes
             self._unlink(held)
             return

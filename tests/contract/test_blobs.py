@@ -20,7 +20,7 @@ from postroom.store.errors import NotFound
 from postroom.store.fs_blobs import FsBlobStore
 from tests.engines import unique_name
 
-IMPLEMENTATIONS = ["fs", "s3"]
+IMPLEMENTATIONS = ["fs", "fs-packed", "s3"]
 
 MakeStore = Callable[[], Awaitable[BlobStore]]
 
@@ -28,7 +28,10 @@ MakeStore = Callable[[], Awaitable[BlobStore]]
 def _factory(
     name: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Callable[[], BlobStore]:
-    if name == "fs":
+    if name == "fs":  # every blob a file
+        root = str(tmp_path / "blobs")
+        return lambda: FsBlobStore(root, pack_max=0)
+    if name == "fs-packed":  # the embedded default: small blobs in SQLite, large ones files
         root = str(tmp_path / "blobs")
         return lambda: FsBlobStore(root)
     if name == "s3":
@@ -64,14 +67,20 @@ async def store(make_store: MakeStore) -> BlobStore:
 
 
 def _files(store: BlobStore) -> list[str]:
-    """Every file under an FsBlobStore's root (empty for other implementations)."""
+    """Every file under an FsBlobStore's root but its pack's (empty for other stores)."""
     if not isinstance(store, FsBlobStore):
         return []
     return sorted(
         os.path.join(dirpath, name)
         for dirpath, _dirs, names in os.walk(store.root)
         for name in names
+        if store.pack is None or dirpath != os.path.dirname(store.pack.path)
     )
+
+
+def _all_files(store: BlobStore) -> bool:
+    """An FsBlobStore that keeps every blob as a file (no pack)."""
+    return isinstance(store, FsBlobStore) and store.pack is None
 
 
 @pytest.mark.parametrize(
@@ -92,7 +101,7 @@ async def test_identical_content_is_stored_once(store: BlobStore) -> None:
     second = await store.put(bytes(data))
     assert first == second
     assert await store.get(first) == data
-    if isinstance(store, FsBlobStore):
+    if _all_files(store):
         assert _files(store) == [store.path_of(first)]
 
 
@@ -160,7 +169,7 @@ async def test_no_temporary_files_left_behind(store: BlobStore) -> None:
     digests = {await store.put(os.urandom(n)) for n in (0, 10, 100_000)}
     await store.put(b"dup")
     await store.put(b"dup")
-    if isinstance(store, FsBlobStore):
+    if _all_files(store):
         assert _files(store) == sorted(store.path_of(d) for d in digests | {blob_hash(b"dup")})
 
 
@@ -169,7 +178,7 @@ async def test_concurrent_puts_of_the_same_content(store: BlobStore) -> None:
     digests = await asyncio.gather(*(store.put(data) for _ in range(20)))
     assert set(digests) == {blob_hash(data)}
     assert await store.get(digests[0]) == data
-    if isinstance(store, FsBlobStore):
+    if _all_files(store):
         assert _files(store) == [store.path_of(digests[0])]
 
 
@@ -181,7 +190,7 @@ async def test_concurrent_puts_of_different_content(store: BlobStore) -> None:
 
 
 async def test_fs_layout(tmp_path: Path) -> None:
-    store = FsBlobStore(str(tmp_path / "b"))
+    store = FsBlobStore(str(tmp_path / "b"), pack_max=0)
     await store.open()
     digest = await store.put(b"layout")
     assert (tmp_path / "b" / digest[:2] / digest[2:4] / digest).read_bytes() == b"layout"
@@ -203,7 +212,7 @@ async def test_quarantine_then_purge(make_store: MakeStore) -> None:
         await store.get(digest)
     await store.restore(digest)  # nothing to restore: no error, nothing appears
     assert not await store.exists(digest)
-    if isinstance(store, FsBlobStore):
+    if _all_files(store):
         assert _files(store) == []
 
 
@@ -224,7 +233,7 @@ async def test_quarantined_blob_comes_back(make_store: MakeStore) -> None:
     assert await store.put(second) == d2  # stored afresh while quarantined
     await store.restore(d2)  # the collector saw the new reference: the held copy goes
     assert await store.get(d2) == second
-    if isinstance(store, FsBlobStore):
+    if _all_files(store):
         assert store.quarantine_path_of(d2) not in _files(store)
 
     await store.restore(d3)
@@ -235,7 +244,7 @@ async def test_quarantined_blob_comes_back(make_store: MakeStore) -> None:
 
 async def test_put_of_stored_bytes_refreshes_the_put_time(tmp_path: Path) -> None:
     """(On S3 the put time is the object's Last-Modified, set by the server.)"""
-    store = FsBlobStore(str(tmp_path / "blobs"))
+    store = FsBlobStore(str(tmp_path / "blobs"), pack_max=0)
     await store.open()
     data = b"refreshed\r\n"
     digest = await store.put(data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,8 +25,28 @@ BOTH = Envelope("carol@remote.example", ("alice@example.test", "bob@example.test
 
 
 def stored(node: Postroom, digest: str) -> bool:
+    """The bytes are kept (not quarantined): a file, or a row of the store's pack."""
     assert isinstance(node.blobs, FsBlobStore)
-    return os.path.isfile(node.blobs.path_of(digest))
+    if os.path.isfile(node.blobs.path_of(digest)):
+        return True
+    if node.blobs.pack is None:
+        return False
+    with sqlite3.connect(node.blobs.pack.path) as conn:
+        row = conn.execute("SELECT quarantined FROM blobs WHERE digest = ?",
+                           (bytes.fromhex(digest),)).fetchone()
+    return row is not None and row[0] == 0
+
+
+def age(node: Postroom, digest: str, seconds: float) -> None:
+    """Make the blob's last put `seconds` ago, wherever it is kept."""
+    assert isinstance(node.blobs, FsBlobStore)
+    then = time.time() - seconds
+    if os.path.isfile(node.blobs.path_of(digest)):
+        os.utime(node.blobs.path_of(digest), (then, then))
+    if node.blobs.pack is not None:
+        with sqlite3.connect(node.blobs.pack.path) as conn:
+            conn.execute("UPDATE blobs SET put_at = ? WHERE digest = ?",
+                         (then, bytes.fromhex(digest)))
 
 
 async def collect(node: Postroom, **kwargs: float) -> tuple[int, int, int, int]:
@@ -162,8 +183,7 @@ async def test_collect_command(node: Postroom, users: tuple[User, User]) -> None
     assert not stored(node, digest)
 
     orphan = await node.blobs.put(b"never named by a message\r\n")
-    assert isinstance(node.blobs, FsBlobStore)
-    os.utime(node.blobs.path_of(orphan), (time.time() - 7200,) * 2)
+    age(node, orphan, 7200)
     out = await asyncio.to_thread(subprocess.run, [*command, "--scan"],
                                   capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -177,10 +197,8 @@ async def test_a_scan_finds_bytes_no_message_ever_named(
     alice, _ = users
     kept = (await node.service.deliver(BOTH, RAW)).delivered["alice@example.test"]
     orphan = await node.blobs.put(b"put by a node that died before its queue item\r\n")
-    assert isinstance(node.blobs, FsBlobStore)
-    old = time.time() - 7200
     for digest in (orphan, kept.blob_hash):
-        os.utime(node.blobs.path_of(digest), (old, old))
+        age(node, digest, 7200)
     assert await collect(node) == (0, 0, 0, 0)  # nothing released it
     assert await find_unreleased(node.metadata, node.blobs, grace=3600) == 1
     report = await collect_blobs(node.metadata, node.blobs, node.queue, grace=3600, settle=0,

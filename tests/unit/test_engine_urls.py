@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from postroom.app import make_blobs, make_cache, make_events, make_queue
@@ -84,3 +86,17 @@ def test_cache_buckets() -> None:
     assert bucket_of("u:123:") == "u:123:"
     assert bucket_of("u:123") == ""
     assert bucket_of("plain") == ""
+
+
+def test_file_blob_url(tmp_path: Path) -> None:
+    from postroom.store.fs_blobs import PACK_MAX, FsBlobStore
+
+    default = make_blobs(f"file://{tmp_path}/a")
+    assert isinstance(default, FsBlobStore) and default.pack_max == PACK_MAX
+    assert default.pack is not None and default.pack.path == f"{tmp_path}/a/pack/blobs.db"
+    files_only = make_blobs(f"file://{tmp_path}/b?pack_max=0")
+    assert isinstance(files_only, FsBlobStore) and files_only.pack is None
+    assert make_blobs(f"file://{tmp_path}/c?pack_max=4096").pack_max == 4096  # type: ignore[attr-defined]
+    for bad in ("pack_max=-1", "pack_max=big", "packmax=1"):
+        with pytest.raises(ConfigError):
+            make_blobs(f"file://{tmp_path}/d?{bad}")

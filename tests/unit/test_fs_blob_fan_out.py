@@ -14,7 +14,7 @@ from postroom.store.fs_blobs import FsBlobStore
 
 
 async def test_young_store_makes_first_level_at_once_and_leaves_as_needed(tmp_path: Path) -> None:
-    store = FsBlobStore(str(tmp_path / "blobs"))
+    store = FsBlobStore(str(tmp_path / "blobs"), pack_max=0)
     await store.open()
     digests = [await store.put(f"message {n}".encode()) for n in range(20)]
     root = tmp_path / "blobs"
@@ -33,7 +33,7 @@ async def test_a_put_survives_its_directory_vanishing_and_a_stale_temporary_name
     process and counter: a leaf directory removed behind its back is made again, and a
     temporary file a crashed process left under the next name is stepped over, not written."""
     root = tmp_path / "blobs"
-    store = FsBlobStore(str(root))
+    store = FsBlobStore(str(root), pack_max=0)
     await store.open()
     first = await store.put(b"first")
     leaf = root / first[0:2] / first[2:4]
@@ -63,7 +63,7 @@ async def test_a_put_into_a_new_directory_returns_once_the_new_entries_are_durab
     commit the fewer), but before the put returns: the leaf's entry for the blob, then the
     first level's entry for the leaf. A put into a directory already made fsyncs only it."""
     root = tmp_path / "blobs"
-    store = FsBlobStore(str(root))
+    store = FsBlobStore(str(root), pack_max=0)
     await store.open()
     synced: list[str] = []
     real = fs_blobs._fsync_dir

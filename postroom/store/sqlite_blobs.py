@@ -1,0 +1,146 @@
+"""Small blobs packed in one SQLite file: the embedded blob store's fast path.
+
+A put into the file store costs three fsyncs one after the other (the blob, its directory, the
+rename's directory entry) on a worker thread; a put here is one small write transaction run on
+the event loop and one fsync of the WAL shared with every put and write made meanwhile
+(`postroom/store/sqlite_file.py`: group commit). Under load an APPEND or an SMTP DATA waits
+~2 ms for its blob instead of ~8 (docs/BENCHMARKS.md). Reads are point reads on the loop.
+
+One row per blob: digest (the 32 raw bytes of the sha256), the put time, a quarantine mark and
+the bytes, in that order, so the collector's scan reads each row's first bytes and never the
+bytes' overflow pages. Quarantine is the mark (the collector's contract in
+`postroom/store/blobs.py`): a put clears it and refreshes the put time, a get clears it.
+Large blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write them twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+
+from postroom.store.blobs import blob_hash, check_digest
+from postroom.store.errors import NotFound
+from postroom.store.sqlite_file import SqliteFile
+
+_SCHEMA_VERSION = 1
+_SCAN_PAGE = 1000
+
+
+def _key(digest: str) -> bytes:
+    return bytes.fromhex(check_digest(digest))
+
+
+class SqliteBlobPack(SqliteFile):
+    """`BlobStore` on one SQLite file (WAL), safe for several processes on the same file."""
+
+    _name = "blob pack"
+    _thread_prefix = "postroom-pack"
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"{self.path}: blob pack schema {version} is newer than this program knows")
+        if version == _SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS blobs ("
+                " digest BLOB PRIMARY KEY, put_at REAL NOT NULL,"
+                " quarantined INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL)")
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def put(self, data: bytes) -> str:
+        digest = blob_hash(data)
+        await self._write(_put, bytes.fromhex(digest), bytes(data), time.time())
+        return digest
+
+    async def get(self, digest: str) -> bytes:
+        key = _key(digest)
+        row = await self._read_now(_get, key)
+        if row is None:
+            raise NotFound(f"blob {digest}")
+        quarantined, data = row
+        if quarantined:  # the collector set it aside while someone came to refer to it
+            await self._write(_restore, key)
+        return bytes(data)
+
+    async def has(self, digest: str) -> bool:
+        """Whether the pack holds the blob, quarantined or not."""
+        return await self._read_now(_get_mark, _key(digest)) is not None
+
+    async def exists(self, digest: str) -> bool:
+        return await self._read_now(_get_mark, _key(digest)) == 0
+
+    async def delete(self, digest: str) -> None:
+        await self._write(_delete, _key(digest), 0)
+
+    async def quarantine(self, digest: str, untouched_for: float) -> bool:
+        return await self._write(_quarantine, _key(digest), time.time() - untouched_for)
+
+    async def restore(self, digest: str) -> None:
+        await self._write(_restore, _key(digest))
+
+    async def purge(self, digest: str) -> None:
+        await self._write(_delete, _key(digest), 1)
+
+    async def scan(self, untouched_for: float) -> AsyncIterator[str]:
+        before = time.time() - untouched_for
+        after = b""
+        while True:
+            page = await self._read(_scan_page, after, before)
+            for key in page:
+                yield key.hex()
+            if len(page) < _SCAN_PAGE:
+                return
+            after = page[-1]
+
+
+# Transactions (each runs whole, on the loop or a thread of SqliteFile's).
+
+
+def _put(conn: sqlite3.Connection, key: bytes, data: bytes, now: float) -> None:
+    # bytes already stored are not written again: the put time is refreshed (the collector
+    # leaves the blob alone while its new reference is filed) and any quarantine lifted
+    conn.execute(
+        "INSERT INTO blobs (digest, put_at, quarantined, data) VALUES (?, ?, 0, ?)"
+        " ON CONFLICT (digest) DO UPDATE SET put_at = excluded.put_at, quarantined = 0",
+        (key, now, data))
+
+
+def _get(conn: sqlite3.Connection, key: bytes) -> tuple[int, bytes] | None:
+    row = conn.execute("SELECT quarantined, data FROM blobs WHERE digest = ?", (key,)).fetchone()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def _get_mark(conn: sqlite3.Connection, key: bytes) -> int | None:
+    row = conn.execute("SELECT quarantined FROM blobs WHERE digest = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _delete(conn: sqlite3.Connection, key: bytes, quarantined: int) -> None:
+    conn.execute("DELETE FROM blobs WHERE digest = ? AND quarantined = ?", (key, quarantined))
+
+
+def _quarantine(conn: sqlite3.Connection, key: bytes, put_before: float) -> bool:
+    cursor = conn.execute(
+        "UPDATE blobs SET quarantined = 1 WHERE digest = ? AND quarantined = 0 AND put_at <= ?",
+        (key, put_before))
+    return cursor.rowcount > 0
+
+
+def _restore(conn: sqlite3.Connection, key: bytes) -> None:
+    conn.execute("UPDATE blobs SET quarantined = 0 WHERE digest = ? AND quarantined = 1", (key,))
+
+
+def _scan_page(conn: sqlite3.Connection, after: bytes, before: float) -> list[bytes]:
+    rows = conn.execute(
+        "SELECT digest FROM blobs WHERE digest > ? AND quarantined = 0 AND put_at < ?"
+        " ORDER BY digest LIMIT ?", (after, before, _SCAN_PAGE)).fetchall()
+    return [bytes(row[0]) for row in rows]
