@@ -91,7 +91,9 @@ async def migrate_metadata(
     raise ConfigError(f"unsupported metadata store {url!r}")
 
 
-def make_blobs(url: str) -> BlobStore:
+def make_blobs(url: str, pack_path: str | None = None) -> BlobStore:
+    """The blob store; for file://, `pack_path` is the SQLite file to keep small blobs in
+    (the metadata's, when it is SQLite: see postroom/store/sqlite_blobs.py)."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         from postroom.store.fs_blobs import PACK_MAX, FsBlobStore
@@ -109,7 +111,7 @@ def make_blobs(url: str) -> BlobStore:
         except ValueError:
             raise ConfigError(f"blob store {url!r}: pack_max must be a number of bytes,"
                               " 0 for none") from None
-        return FsBlobStore(parts.path, pack_max=pack_max)
+        return FsBlobStore(parts.path, pack_max=pack_max, pack_path=pack_path)
     if parts.scheme == "s3":
         from postroom.store.s3_blobs import S3BlobStore
 
@@ -220,7 +222,9 @@ class Postroom:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = make_metadata(settings.storage_url("metadata"))
-        self.blobs = make_blobs(settings.storage_url("blobs"))
+        # small blobs in the metadata's SQLite file: an APPEND then waits for one fsync
+        self.blobs = make_blobs(settings.storage_url("blobs"),
+                                pack_path=getattr(self.metadata, "path", None))
         self.queue = make_queue(settings.storage_url("queue"))
         self.cache = make_cache(settings.storage_url("cache"))
         self.events = make_events(settings.storage_url("events"))

@@ -28,8 +28,15 @@ class BlobStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
-    async def put(self, data: bytes) -> str:
-        """Store the bytes durably (returns only once they survive a crash); the hash."""
+    async def put(self, data: bytes, *, sync: bool = True) -> str:
+        """Store the bytes durably (returns only once they survive a crash); the hash.
+
+        sync=False: the caller will wait for a commit to the metadata store made after this
+        returns, and the store (see `shares_log_with`) makes that commit's durability imply
+        this put's; stores without such an order ignore it and are always durable."""
+        ...
+    def shares_log_with(self, metadata: object) -> bool:
+        """Whether a put(sync=False) followed by a durable write of `metadata` is durable."""
         ...
     async def get(self, digest: str) -> bytes:
         """The stored bytes; NotFound when absent."""

@@ -11,9 +11,10 @@ of the same bytes meanwhile stores it afresh, and a get brings the quarantined c
 of bytes already stored touches the file, so its mtime is the last put.
 
 Blobs of at most `pack_max` bytes (128 KiB unless the URL says `?pack_max=N`; 0: none) go to a
-SQLite file instead, `root/pack/blobs.db` (`postroom/store/sqlite_blobs.py`): one fsync shared
-by every put made meanwhile instead of three of its own. A get looks there first, then for the
-file, so a store written before the pack existed (or with another `pack_max`) reads the same.
+SQLite table instead (`postroom/store/sqlite_blobs.py`), in the file `pack_path` (the metadata's,
+in the embedded default) or `root/pack/blobs.db`: one fsync shared by every put made meanwhile
+instead of three of its own. A get looks there first, then for the file, so a store written
+before the pack existed (or with another `pack_max`) reads the same.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import AsyncIterator
 from postroom.store.blobs import DIGEST, blob_hash, check_digest
 from postroom.store.errors import NotFound
 from postroom.store.sqlite_blobs import SqliteBlobPack
+from postroom.store.sqlite_file import SqliteFile
 
 _TEMP_PREFIX = ".tmp-"
 _QUARANTINE = "quarantine"  # blobs the collector moved aside (not a two-hex fan-out name)
@@ -53,10 +55,10 @@ def _fsync_dir(path: str) -> None:
 class FsBlobStore:
     """`BlobStore` on a local directory (`file:///var/lib/postroom/blobs`)."""
 
-    def __init__(self, root: str, pack_max: int = PACK_MAX) -> None:
+    def __init__(self, root: str, pack_max: int = PACK_MAX, pack_path: str | None = None) -> None:
         self.root = os.path.abspath(root)
         self.pack_max = pack_max
-        self.pack = (SqliteBlobPack(os.path.join(self.root, _PACK, "blobs.db"))
+        self.pack = (SqliteBlobPack(pack_path or os.path.join(self.root, _PACK, "blobs.db"))
                      if pack_max > 0 else None)
         # directories this store has seen exist: a put into one skips looking (the fan-out
         # never shrinks; if one vanishes anyway, the put makes it again)
@@ -71,16 +73,21 @@ class FsBlobStore:
     async def open(self) -> None:
         await asyncio.to_thread(self._make_dirs, self.root)
         if self.pack is not None:
-            await asyncio.to_thread(self._make_dirs, os.path.dirname(self.pack.path))
+            await asyncio.to_thread(os.makedirs, os.path.dirname(self.pack.path), exist_ok=True)
             await self.pack.open()
 
     async def close(self) -> None:
         if self.pack is not None:
             await self.pack.close()
 
-    async def put(self, data: bytes) -> str:
+    def shares_log_with(self, metadata: object) -> bool:
+        """True when the pack is a table of the metadata's own SQLite file (one WAL)."""
+        return (self.pack is not None and isinstance(metadata, SqliteFile)
+                and os.path.abspath(metadata.path) == os.path.abspath(self.pack.path))
+
+    async def put(self, data: bytes, *, sync: bool = True) -> str:
         if self.pack is not None and len(data) <= self.pack_max:
-            return await self.pack.put(data)
+            return await self.pack.put(data, sync=sync)
         digest = blob_hash(data)
         await asyncio.to_thread(self._write, digest, bytes(data))
         return digest

@@ -1,4 +1,4 @@
-"""Small blobs packed in one SQLite file: the embedded blob store's fast path.
+"""Small packed_blobs packed in a SQLite file: the embedded blob store's fast path.
 
 A put into the file store costs three fsyncs one after the other (the blob, its directory, the
 rename's directory entry) on a worker thread; a put here is one small write transaction run on
@@ -6,11 +6,18 @@ the event loop and one fsync of the WAL shared with every put and write made mea
 (`postroom/store/sqlite_file.py`: group commit). Under load an APPEND or an SMTP DATA waits
 ~2 ms for its blob instead of ~8 (docs/BENCHMARKS.md). Reads are point reads on the loop.
 
+The pack is a table, `packed_blobs`, in the metadata store's own file when that is SQLite
+(the embedded default; `postroom/app.py`), else in `blobs/pack/blobs.db`. In the metadata's
+file, an IMAP APPEND's blob and its message record are two commits to one WAL, which SQLite
+replays in order after a crash: the record's commit cannot survive without the blob's, so the
+APPEND waits for one fsync, after the record (`put(..., sync=False)`), not two one after the
+other (~10 ms -> ~8 ms under load, docs/BENCHMARKS.md).
+
 One row per blob: digest (the 32 raw bytes of the sha256), the put time, a quarantine mark and
 the bytes, in that order, so the collector's scan reads each row's first bytes and never the
 bytes' overflow pages. Quarantine is the mark (the collector's contract in
 `postroom/store/blobs.py`): a put clears it and refreshes the put time, a get clears it.
-Large blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write them twice.
+Large packed_blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write them twice.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from postroom.store.blobs import blob_hash, check_digest
 from postroom.store.errors import NotFound
 from postroom.store.sqlite_file import SqliteFile
 
-_SCHEMA_VERSION = 1
 _SCAN_PAGE = 1000
 
 
@@ -38,27 +44,29 @@ class SqliteBlobPack(SqliteFile):
     _thread_prefix = "postroom-pack"
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > _SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"{self.path}: blob pack schema {version} is newer than this program knows")
-        if version == _SCHEMA_VERSION:
+        # A table of its own in whatever file it is given (the metadata's has its own
+        # migrations, in schema_migrations): made once, if missing.
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                              " AND name = 'packed_blobs'").fetchone()
+        if exists:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS blobs ("
+                "CREATE TABLE IF NOT EXISTS packed_blobs ("
                 " digest BLOB PRIMARY KEY, put_at REAL NOT NULL,"
                 " quarantined INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL)")
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
-    async def put(self, data: bytes) -> str:
+    async def put(self, data: bytes, *, sync: bool = True) -> str:
+        """With sync=False the put is committed, not yet durable: only for a caller that
+        waits for a later commit to this same file (the WAL) before it answers anyone."""
         digest = blob_hash(data)
-        await self._write(_put, bytes.fromhex(digest), bytes(data), time.time())
+        args = (bytes.fromhex(digest), bytes(data), time.time())
+        await (self._write(_put, *args) if sync else self._commit(_put, *args))
         return digest
 
     async def get(self, digest: str) -> bytes:
@@ -109,38 +117,42 @@ def _put(conn: sqlite3.Connection, key: bytes, data: bytes, now: float) -> None:
     # bytes already stored are not written again: the put time is refreshed (the collector
     # leaves the blob alone while its new reference is filed) and any quarantine lifted
     conn.execute(
-        "INSERT INTO blobs (digest, put_at, quarantined, data) VALUES (?, ?, 0, ?)"
+        "INSERT INTO packed_blobs (digest, put_at, quarantined, data) VALUES (?, ?, 0, ?)"
         " ON CONFLICT (digest) DO UPDATE SET put_at = excluded.put_at, quarantined = 0",
         (key, now, data))
 
 
 def _get(conn: sqlite3.Connection, key: bytes) -> tuple[int, bytes] | None:
-    row = conn.execute("SELECT quarantined, data FROM blobs WHERE digest = ?", (key,)).fetchone()
+    row = conn.execute("SELECT quarantined, data FROM packed_blobs WHERE digest = ?",
+                       (key,)).fetchone()
     return None if row is None else (int(row[0]), row[1])
 
 
 def _get_mark(conn: sqlite3.Connection, key: bytes) -> int | None:
-    row = conn.execute("SELECT quarantined FROM blobs WHERE digest = ?", (key,)).fetchone()
+    row = conn.execute("SELECT quarantined FROM packed_blobs WHERE digest = ?", (key,)).fetchone()
     return None if row is None else int(row[0])
 
 
 def _delete(conn: sqlite3.Connection, key: bytes, quarantined: int) -> None:
-    conn.execute("DELETE FROM blobs WHERE digest = ? AND quarantined = ?", (key, quarantined))
+    conn.execute("DELETE FROM packed_blobs WHERE digest = ? AND quarantined = ?",
+                 (key, quarantined))
 
 
 def _quarantine(conn: sqlite3.Connection, key: bytes, put_before: float) -> bool:
     cursor = conn.execute(
-        "UPDATE blobs SET quarantined = 1 WHERE digest = ? AND quarantined = 0 AND put_at <= ?",
+        "UPDATE packed_blobs SET quarantined = 1"
+        " WHERE digest = ? AND quarantined = 0 AND put_at <= ?",
         (key, put_before))
     return cursor.rowcount > 0
 
 
 def _restore(conn: sqlite3.Connection, key: bytes) -> None:
-    conn.execute("UPDATE blobs SET quarantined = 0 WHERE digest = ? AND quarantined = 1", (key,))
+    conn.execute("UPDATE packed_blobs SET quarantined = 0 WHERE digest = ? AND quarantined = 1",
+                 (key,))
 
 
 def _scan_page(conn: sqlite3.Connection, after: bytes, before: float) -> list[bytes]:
     rows = conn.execute(
-        "SELECT digest FROM blobs WHERE digest > ? AND quarantined = 0 AND put_at < ?"
+        "SELECT digest FROM packed_blobs WHERE digest > ? AND quarantined = 0 AND put_at < ?"
         " ORDER BY digest LIMIT ?", (after, before, _SCAN_PAGE)).fetchall()
     return [bytes(row[0]) for row in rows]

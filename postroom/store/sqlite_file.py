@@ -323,12 +323,28 @@ class SqliteFile:
     ) -> T:
         """A small write: its SQL runs here on the event loop (no hop to a thread, no wait for
         the GIL between statements), then the caller waits until the WAL is fsynced."""
+        result = await self._commit(fn, *args, **kwargs)
+        if self._on_disk < self._commits:
+            # its own commit, or commits it may have read (a STORE that found the flag set
+            # by a commit not yet on disk), is not durable yet
+            await self._durable()
+        return result
+
+    async def _commit(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """_write without the wait for the fsync: committed, visible, not yet durable. Only
+        for a caller that waits for a later commit to the same WAL before it answers anyone:
+        the WAL is replayed in order after a crash, so that commit's survival is this one's."""
         conn = self._write_conn
         if conn is None or self._writer is None:
             raise StoreError(f"{self._name} is not open")
         for turn in range(_LOOP_TURNS):
             if self._gate.locked():  # behind a big write, in order
-                return await self._write_big(fn, *args, **kwargs)
+                return await self._commit_big(fn, *args, **kwargs)
             changes = conn.total_changes
             try:
                 result = self._write_locked(conn, False, fn, *args, **kwargs)
@@ -338,16 +354,12 @@ class SqliteFile:
                 # its transactions are short, so look again after a turn of the loop, then
                 # wait for it on the writer thread.
                 if turn == _LOOP_TURNS - 1:
-                    return await self._write_big(fn, *args, **kwargs)
+                    return await self._commit_big(fn, *args, **kwargs)
                 await asyncio.sleep(0)
                 if self._write_conn is not conn:
                     raise StoreError(f"{self._name} is not open") from None
         if conn.total_changes != changes:
             self._commits += 1
-        if self._on_disk < self._commits:
-            # its own commit, or commits it may have read (a STORE that found the flag set
-            # by a commit not yet on disk), is not durable yet
-            await self._durable()
         return result
 
     async def _write_big(
@@ -358,13 +370,23 @@ class SqliteFile:
     ) -> T:
         """A write that may take long (many rows, or waiting for another process's lock), on
         the writer thread so the event loop goes on serving; small writes wait behind it."""
+        result = await self._commit_big(fn, *args, **kwargs)
+        await self._durable()
+        return result
+
+    async def _commit_big(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """_write_big without the wait for the fsync (see _commit)."""
         if self._writer is None:
             raise StoreError(f"{self._name} is not open")
         call = functools.partial(self._run_write_patiently, fn, *args, **kwargs)
         async with self._gate:
             result = await asyncio.get_running_loop().run_in_executor(self._writer, call)
         self._commits += 1
-        await self._durable()
         return result
 
     async def _write_for(self, rows: int, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -32,7 +32,7 @@ def stored(node: Postroom, digest: str) -> bool:
     if node.blobs.pack is None:
         return False
     with sqlite3.connect(node.blobs.pack.path) as conn:
-        row = conn.execute("SELECT quarantined FROM blobs WHERE digest = ?",
+        row = conn.execute("SELECT quarantined FROM packed_blobs WHERE digest = ?",
                            (bytes.fromhex(digest),)).fetchone()
     return row is not None and row[0] == 0
 
@@ -45,7 +45,7 @@ def age(node: Postroom, digest: str, seconds: float) -> None:
         os.utime(node.blobs.path_of(digest), (then, then))
     if node.blobs.pack is not None:
         with sqlite3.connect(node.blobs.pack.path) as conn:
-            conn.execute("UPDATE blobs SET put_at = ? WHERE digest = ?",
+            conn.execute("UPDATE packed_blobs SET put_at = ? WHERE digest = ?",
                          (then, bytes.fromhex(digest)))
 
 

@@ -22,7 +22,7 @@ def _pack_rows(store: FsBlobStore) -> dict[str, tuple[float, int, int]]:
     """digest -> (put time, quarantine mark, length), read with a connection of our own."""
     assert store.pack is not None
     with sqlite3.connect(store.pack.path) as conn:
-        rows = conn.execute("SELECT digest, put_at, quarantined, length(data) FROM blobs")
+        rows = conn.execute("SELECT digest, put_at, quarantined, length(data) FROM packed_blobs")
         return {bytes(r[0]).hex(): (r[1], r[2], r[3]) for r in rows}
 
 
@@ -37,7 +37,7 @@ def _file(store: FsBlobStore, digest: str) -> bytes | None:
 def _age(store: FsBlobStore, digest: str, seconds: float) -> None:
     assert store.pack is not None
     with sqlite3.connect(store.pack.path) as conn:
-        conn.execute("UPDATE blobs SET put_at = ? WHERE digest = ?",
+        conn.execute("UPDATE packed_blobs SET put_at = ? WHERE digest = ?",
                      (time.time() - seconds, bytes.fromhex(digest)))
 
 
@@ -164,3 +164,73 @@ def test_every_answered_put_survives_sigkill(tmp_path: Path) -> None:
 
     asyncio.run(check())
     assert len(set(answered)) >= 800
+
+
+_APPENDER = """
+import asyncio, sys
+from postroom.core.models import Flags, HeaderSummary, NewMessage
+from postroom.store.fs_blobs import FsBlobStore
+from postroom.store.sqlite_metadata import SqliteMetadataStore
+
+async def main():
+    meta = SqliteMetadataStore(sys.argv[1] + "/metadata.db")
+    blobs = FsBlobStore(sys.argv[1] + "/blobs", pack_path=meta.path)
+    await meta.open()
+    await blobs.open()
+    assert blobs.shares_log_with(meta)
+    user = await meta.create_user(f"u{sys.argv[2]}@example.test", "x")
+    folder = await meta.create_folder(user.user_id, "INBOX")
+    n = 0
+    while True:  # as APPEND files: the blob not waited for, the record after it waited for
+        async def one(i):
+            raw = f"Subject: {sys.argv[2]} {i}\\r\\n\\r\\nbody\\r\\n".encode() * 20
+            digest = await blobs.put(raw, sync=False)
+            await meta.insert_message(user.user_id, folder.folder_id, NewMessage(
+                blob_hash=digest, size=len(raw), internal_date=0.0, headers=HeaderSummary(),
+                snippet="", has_attachments=False, flags=Flags()))
+            print(digest, flush=True)
+        await asyncio.gather(*(one(n + i) for i in range(8)))
+        n += 8
+
+asyncio.run(main())
+"""
+
+
+def test_an_unsynced_put_is_durable_with_the_record_after_it(tmp_path: Path) -> None:
+    """The embedded default's APPEND: the pack in the metadata's file, the blob's commit not
+    waited for, the record's commit waited for. Killed mid-stream, every record that was
+    answered finds its blob (one WAL, replayed in order)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(tmp_path), "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    answered: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while len(answered) < 600:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read() if proc.stderr else "the appender died"
+            answered.append(line.strip())
+            assert time.monotonic() < deadline
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stdout is not None and proc.stderr is not None
+    answered += [line.strip() for line in proc.stdout.read().splitlines() if line.strip()]
+    proc.stdout.close()
+    proc.stderr.close()
+
+    async def check() -> None:
+        from postroom.store.sqlite_metadata import SqliteMetadataStore
+
+        meta = SqliteMetadataStore(str(tmp_path / "metadata.db"))
+        store = FsBlobStore(str(tmp_path / "blobs"), pack_path=meta.path)
+        await meta.open()
+        await store.open()
+        for digest in answered:
+            assert blob_hash(await store.get(digest)) == digest
+        assert await meta.blob_refcount(answered[0]) == 1
+        await store.close()
+        await meta.close()
+
+    asyncio.run(check())

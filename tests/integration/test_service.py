@@ -75,11 +75,11 @@ async def test_identical_content_stored_once(node: Postroom, users: tuple[User, 
     await svc(node).deliver(Envelope("a@remote.example",
                                      ("alice@example.test", "bob@example.test")), raw)
     await svc(node).deliver(Envelope("a@remote.example", ("bob@example.test",)), raw)
-    blobs = node.settings.data_dir / "blobs"
-    blob_files = [p for p in blobs.rglob("*") if p.is_file() and p.parent != blobs / "pack"]
-    assert blob_files == []  # a small message: one row of the pack
-    with sqlite3.connect(blobs / "pack" / "blobs.db") as conn:
-        assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    blob_files = [p for p in (node.settings.data_dir / "blobs").rglob("*") if p.is_file()]
+    assert blob_files == []  # a small message: one row of the pack, in the metadata's file
+    assert node.blobs.shares_log_with(node.metadata)
+    with sqlite3.connect(node.settings.data_dir / "metadata.db") as conn:
+        assert conn.execute("SELECT count(*) FROM packed_blobs").fetchone()[0] == 1
     from postroom.store.blobs import blob_hash
 
     assert await node.metadata.blob_refcount(blob_hash(raw)) == 3

@@ -355,13 +355,13 @@ def test_a_write_that_meets_a_short_write_of_another_process_stays_on_the_loop(
     async def scenario() -> None:
         store, user = await _open(path, "t")
         to_thread: list[str] = []
-        real = store._write_big
+        real = store._commit_big
 
         async def recording(fn: Any, *args: Any, **kwargs: Any) -> Any:
             to_thread.append(getattr(fn, "__qualname__", "?"))
             return await real(fn, *args, **kwargs)
 
-        monkeypatch.setattr(store, "_write_big", recording)
+        monkeypatch.setattr(store, "_commit_big", recording)
         other = os.open(path + WRITE_LOCK_SUFFIX, os.O_RDWR)  # another open file: another lock
         try:
             fcntl.flock(other, fcntl.LOCK_EX)
