@@ -19,6 +19,7 @@ from postroom.store.metadata import MetadataStore
 from postroom.store.migrations import MigrationOutcome
 from postroom.store.queue import Queue
 from postroom.store.search import SearchIndex
+from postroom.store.sqlite_file import SqliteFile
 
 if TYPE_CHECKING:
     from postroom.mailflow.outgoing import OutboundDelivery
@@ -223,8 +224,8 @@ class Postroom:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = make_metadata(settings.storage_url("metadata"))
         # small blobs in the metadata's SQLite file: an APPEND then waits for one fsync
-        self.blobs = make_blobs(settings.storage_url("blobs"),
-                                pack_path=getattr(self.metadata, "path", None))
+        self.blobs = make_blobs(settings.storage_url("blobs"), pack_path=(
+            self.metadata.path if isinstance(self.metadata, SqliteFile) else None))
         self.queue = make_queue(settings.storage_url("queue"))
         self.cache = make_cache(settings.storage_url("cache"))
         self.events = make_events(settings.storage_url("events"))
