@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+from collections.abc import Callable
 
 _LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
 
@@ -92,3 +93,29 @@ class RawImap:
 
 def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def idle_wakes(port: int, user: str, password: str, trigger: Callable[[], None], *,
+               exact: bool) -> None:
+    """On the IMAP server at `port`: LOGIN, SELECT INBOX, IDLE; then `trigger()` (mail sent,
+    maybe to another node), and the IDLE must wake with a larger EXISTS (one more when
+    `exact`; other tests' mail may land too otherwise), end with DONE and LOGOUT."""
+    raw = RawImap(port)
+    raw.ok(f"LOGIN {quote(user)} {quote(password)}")
+    untagged = raw.ok("SELECT INBOX")
+    exists = next(int(u.split()[1]) for u in untagged if u.endswith(b"EXISTS"))
+    tag = raw.tag()
+    raw.send(f"{tag} IDLE\r\n".encode())
+    assert raw.line().startswith(b"+")
+    trigger()
+    raw.sock.settimeout(30)
+    line = raw.line()
+    assert line.startswith(b"* ") and line.endswith(b" EXISTS"), line
+    if exact:
+        assert line == f"* {exists + 1} EXISTS".encode(), line
+    else:
+        assert int(line.split()[1]) > exists
+    raw.send(b"DONE\r\n")
+    _, tagged = raw.until(tag)
+    assert tagged.startswith(b"OK")
+    raw.ok("LOGOUT")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,3 +134,12 @@ def running_nodes(*nodes: ServerProcess, user: str, password: str,
         for node in nodes:
             if node.proc is not None and node.proc.poll() is None:
                 node.stop()
+
+
+def message_to(rcpt: str, subject: str) -> bytes:
+    """A plain message from carol@example.org with a unique Message-ID; its body names the
+    subject."""
+    return (f"From: Carol <carol@example.org>\r\nTo: {rcpt}\r\nSubject: {subject}\r\n"
+            f"Date: Tue, 05 Mar 2024 10:00:00 +0000\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@example.org>\r\n\r\n"
+            f"Body of {subject}.\r\n").encode()

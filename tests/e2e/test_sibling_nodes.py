@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import PASSWORD_A
-from tests.e2e.imap_helpers import RawImap, quote
-from tests.e2e.server import ServerProcess, running_nodes
+from tests.e2e.imap_helpers import RawImap, idle_wakes, quote
+from tests.e2e.server import ServerProcess, message_to, running_nodes
 
 ALICE = "alice@example.test"
 
@@ -34,13 +34,6 @@ class Pair:
     node_a: ServerProcess
     node_b: ServerProcess
     sockets: Path
-
-
-def _message(subject: str) -> bytes:
-    return (f"From: Carol <carol@example.org>\r\nTo: {ALICE}\r\nSubject: {subject}\r\n"
-            f"Date: Tue, 05 Mar 2024 10:00:00 +0000\r\n"
-            f"Message-ID: <{uuid.uuid4().hex}@example.org>\r\n\r\n"
-            f"Body of {subject}.\r\n").encode()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 def _send(node: ServerProcess, subject: str) -> None:
     with smtplib.SMTP("127.0.0.1", node.smtp_port, timeout=30) as smtp:
-        smtp.sendmail("carol@example.org", [ALICE], _message(subject))
+        smtp.sendmail("carol@example.org", [ALICE], message_to(ALICE, subject))
 
 
 def _listed(api: httpx.Client) -> dict[str, Any]:
@@ -75,21 +68,8 @@ def test_both_processes_joined_the_group(pair: Pair) -> None:
 
 
 def test_idle_on_b_wakes_for_mail_taken_by_a(pair: Pair) -> None:
-    raw = RawImap(pair.node_b.imap_port)
-    raw.ok(f"LOGIN {quote(ALICE)} {quote(PASSWORD_A)}")
-    untagged = raw.ok("SELECT INBOX")
-    exists = next(int(u.split()[1]) for u in untagged if u.endswith(b"EXISTS"))
-    tag = raw.tag()
-    raw.send(f"{tag} IDLE\r\n".encode())
-    assert raw.line().startswith(b"+")
-    _send(pair.node_a, f"idle {uuid.uuid4().hex[:8]}")
-    raw.sock.settimeout(30)
-    line = raw.line()
-    assert line == f"* {exists + 1} EXISTS".encode(), line
-    raw.send(b"DONE\r\n")
-    _, tagged = raw.until(tag)
-    assert tagged.startswith(b"OK")
-    raw.ok("LOGOUT")
+    idle_wakes(pair.node_b.imap_port, ALICE, PASSWORD_A,
+               lambda: _send(pair.node_a, f"idle {uuid.uuid4().hex[:8]}"), exact=True)
 
 
 def test_a_change_on_a_shows_on_b_at_once(pair: Pair) -> None:
@@ -139,7 +119,7 @@ def test_b_goes_on_when_a_is_killed(pair: Pair) -> None:
     raw = RawImap(pair.node_b.imap_port)
     raw.ok(f"LOGIN {quote(ALICE)} {quote(PASSWORD_A)}")
     raw.ok("SELECT INBOX")
-    message = _message("after")
+    message = message_to(ALICE, "after")
     raw.ok(b"APPEND INBOX {%d+}\r\n%b" % (len(message), message))
     raw.ok("LOGOUT")
     assert not (pair.sockets / name).exists()  # B's event to it was refused: file removed
@@ -168,7 +148,7 @@ def test_the_default_lets_the_cli_reach_a_running_server(
             assert raw.line().startswith(b"+")
             mbox = server.data_dir.parent / "old.mbox"
             mbox.write_bytes(b"From carol@example.org Tue Mar  5 10:00:00 2024\n"
-                             + _message("imported").replace(b"\r\n", b"\n"))
+                             + message_to(ALICE, "imported").replace(b"\r\n", b"\n"))
             server.cli("import", "mbox", str(mbox), "--user", ALICE)
             raw.sock.settimeout(10)
             assert raw.line() == b"* 1 EXISTS"  # woken by the CLI's process
