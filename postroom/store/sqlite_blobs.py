@@ -1,23 +1,24 @@
-"""Small packed_blobs packed in a SQLite file: the embedded blob store's fast path.
+"""Small blobs packed in a SQLite file: the embedded blob store's fast path.
 
 A put into the file store costs three fsyncs one after the other (the blob, its directory, the
-rename's directory entry) on a worker thread; a put here is one small write transaction run on
-the event loop and one fsync of the WAL shared with every put and write made meanwhile
-(`postroom/store/sqlite_file.py`: group commit). Under load an APPEND or an SMTP DATA waits
-~2 ms for its blob instead of ~8 (docs/BENCHMARKS.md). Reads are point reads on the loop.
+rename's directory entry) on a worker thread: 8-9 ms of an APPEND's 17 under load. A put here
+is one small write transaction run on the event loop and one fsync of the WAL shared with every
+put and write made meanwhile (`postroom/store/sqlite_file.py`: group commit): 5 ms under the
+same load, nearly all of it waiting for that shared fsync. Reads are point reads on the loop.
 
 The pack is a table, `packed_blobs`, in the metadata store's own file when that is SQLite
 (the embedded default; `postroom/app.py`), else in `blobs/pack/blobs.db`. In the metadata's
 file, an IMAP APPEND's blob and its message record are two commits to one WAL, which SQLite
 replays in order after a crash: the record's commit cannot survive without the blob's, so the
 APPEND waits for one fsync, after the record (`put(..., sync=False)`), not two one after the
-other (~10 ms -> ~8 ms under load, docs/BENCHMARKS.md).
+other (APPEND only: 714-878/s with the pack in a file of its own, 913-980/s in the
+metadata's; docs/BENCHMARKS.md).
 
 One row per blob: digest (the 32 raw bytes of the sha256), the put time, a quarantine mark and
 the bytes, in that order, so the collector's scan reads each row's first bytes and never the
 bytes' overflow pages. Quarantine is the mark (the collector's contract in
 `postroom/store/blobs.py`): a put clears it and refreshes the put time, a get clears it.
-Large packed_blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write them twice.
+Large blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write them twice.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _key(digest: str) -> bytes:
 
 
 class SqliteBlobPack(SqliteFile):
-    """`BlobStore` on one SQLite file (WAL), safe for several processes on the same file."""
+    """The `BlobStore` operations on one SQLite file (WAL), safe for several processes on the
+    same file; `FsBlobStore` holds one and decides what goes in."""
 
     _name = "blob pack"
     _thread_prefix = "postroom-pack"
@@ -78,10 +80,6 @@ class SqliteBlobPack(SqliteFile):
         if quarantined:  # the collector set it aside while someone came to refer to it
             await self._write(_restore, key)
         return bytes(data)
-
-    async def has(self, digest: str) -> bool:
-        """Whether the pack holds the blob, quarantined or not."""
-        return await self._read_now(_get_mark, _key(digest)) is not None
 
     async def exists(self, digest: str) -> bool:
         return await self._read_now(_get_mark, _key(digest)) == 0
