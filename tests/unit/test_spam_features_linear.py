@@ -85,3 +85,21 @@ def test_shape_shortcuts_give_the_regexes_results() -> None:
     assert "b:phone" not in _shape_features("call 555-123-456 today\r\n")
     assert "b:phone" in _shape_features("call \u0665\u0665\u0665-\u0661\u0662\u0663-"
                                         "\u0664\u0665\u0666\u0667 today\r\n")
+
+
+def test_caps_ratio_as_the_loop_counted_it() -> None:
+    from postroom.spam.features import _caps_ratio
+
+    def counted(text: str) -> int:  # what the classifier was trained with
+        letters = [c for c in text[:2000] if c.isalpha()]
+        if len(letters) < 10:
+            return -1
+        return int(10 * sum(1 for c in letters if c.isupper()) / len(letters))
+
+    rng = random.Random(13)
+    # capitals that are not letters (circled A: isupper but not isalpha), other scripts' cases
+    pieces = ["A", "b", "É", "ß", "\u24b6", "Σ", "σ", "1", " ", "!", "\u0665", "ǅ", "x" * 30]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 120)))
+        assert _caps_ratio(text) == counted(text), text
+    assert _caps_ratio("ABCDEFGHIJ" * 300) == 10  # only the first 2,000 characters count
