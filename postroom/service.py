@@ -978,7 +978,7 @@ class MailService:
         folder = await self.metadata.get_folder(user.user_id, folder_id)
         if folder is None:
             raise NotFoundError("no such folder")
-        counts = await self.metadata.folder_counts(user.user_id)
+        counts = await self.metadata.folder_counts(user.user_id, folder_id)
         return folder, counts.get(folder_id, FolderCounts(0, 0))
 
     async def store_flags(

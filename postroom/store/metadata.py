@@ -130,7 +130,13 @@ class MetadataStore(Protocol):
         """Remove an empty-of-children folder and its messages."""
         ...
     async def set_subscribed(self, user_id: str, folder_id: str, subscribed: bool) -> None: ...
-    async def folder_counts(self, user_id: str) -> dict[str, FolderCounts]: ...
+    async def folder_counts(
+        self, user_id: str, folder_id: str | None = None
+    ) -> dict[str, FolderCounts]:
+        """Message and unseen counts by folder id: every folder of the user, or only
+        `folder_id` (IMAP STATUS of one folder reads only that folder's messages; nothing
+        for a folder that is not the user's)."""
+        ...
 
     # messages
     async def insert_message(

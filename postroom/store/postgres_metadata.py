@@ -940,16 +940,20 @@ class PostgresMetadataStore:
 
         await self._write(tx)
 
-    async def folder_counts(self, user_id: str) -> dict[str, FolderCounts]:
+    async def folder_counts(
+        self, user_id: str, folder_id: str | None = None
+    ) -> dict[str, FolderCounts]:
         async def tx(conn: Connection) -> dict[str, FolderCounts]:
             rows = await conn.fetch(
                 "SELECT f.folder_id, count(m.message_id),"
                 " count(m.message_id) FILTER (WHERE m.sysflags & $1 = 0)"
                 " FROM folders AS f LEFT JOIN messages AS m"
                 " ON m.user_id = f.user_id AND m.folder_id = f.folder_id"
-                " WHERE f.user_id = $2 GROUP BY f.folder_id",
+                " WHERE f.user_id = $2 AND ($3::text IS NULL OR f.folder_id = $3)"
+                " GROUP BY f.folder_id",
                 int(Flag.SEEN),
                 user_id,
+                folder_id,
             )
             return {str(r[0]): FolderCounts(int(r[1]), int(r[2])) for r in rows}
 

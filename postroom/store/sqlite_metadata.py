@@ -763,15 +763,19 @@ class SqliteMetadataStore(SqliteFile):
 
         await self._write(tx)
 
-    async def folder_counts(self, user_id: str) -> dict[str, FolderCounts]:
+    async def folder_counts(
+        self, user_id: str, folder_id: str | None = None
+    ) -> dict[str, FolderCounts]:
+        one = "" if folder_id is None else " AND f.folder_id = ?"
+
         def tx(conn: sqlite3.Connection) -> dict[str, FolderCounts]:
             rows = conn.execute(
                 "SELECT f.folder_id, count(m.message_id),"
                 " coalesce(sum(m.sysflags & ? = 0), 0)"
                 " FROM folders AS f LEFT JOIN messages AS m"
                 " ON m.user_id = f.user_id AND m.folder_id = f.folder_id"
-                " WHERE f.user_id = ? GROUP BY f.folder_id",
-                (int(Flag.SEEN), user_id),
+                f" WHERE f.user_id = ?{one} GROUP BY f.folder_id",
+                (int(Flag.SEEN), user_id) + (() if folder_id is None else (folder_id,)),
             ).fetchall()
             return {str(r[0]): FolderCounts(int(r[1]), int(r[2])) for r in rows}
 

@@ -13,6 +13,7 @@ from postroom.core.models import (
     Flag,
     Flags,
     Folder,
+    FolderCounts,
     FolderRole,
     HeaderSummary,
     NewMessage,
@@ -344,6 +345,15 @@ async def test_folder_counts(metadata_store: MetadataStore) -> None:
     assert set(counts) == {inbox.folder_id, empty.folder_id}
     assert (counts[inbox.folder_id].total, counts[inbox.folder_id].unread) == (3, 2)
     assert (counts[empty.folder_id].total, counts[empty.folder_id].unread) == (0, 0)
+    # one folder alone: only its own messages are read
+    assert await store.folder_counts(alice.user_id, inbox.folder_id) == {
+        inbox.folder_id: counts[inbox.folder_id]}
+    assert await store.folder_counts(alice.user_id, empty.folder_id) == {
+        empty.folder_id: FolderCounts(0, 0)}
+    # another user's folder, or none, counts nothing
+    bob = await store.create_user("bob@example.com", "x")
+    assert await store.folder_counts(bob.user_id, inbox.folder_id) == {}
+    assert await store.folder_counts(alice.user_id, "no-such-folder") == {}
 
 
 # ---- uids, modseqs, flags -----------------------------------------------------------------------
