@@ -132,28 +132,36 @@ def _bad(text: str) -> Reply:
 
 
 def _match(pattern: str, name: str) -> bool:
-    """LIST wildcards (RFC 3501 §6.3.8): * matches anything, % anything but the separator."""
-    def walk(p: int, n: int) -> bool:
-        while p < len(pattern):
-            c = pattern[p]
-            if c == "*" or c == "%":
-                for k in range(n, len(name) + 1):
-                    if c == "%" and SEPARATOR in name[n:k]:
-                        break
-                    if walk(p + 1, k):
-                        return True
-                return False
-            if n >= len(name) or name[n] != c:
-                return False
-            p += 1
-            n += 1
-        return n == len(name)
+    """LIST wildcards (RFC 3501 §6.3.8): * matches anything, % anything but the separator.
 
+    One pass over the pattern keeping the set of name positions reached so far, so a pattern
+    like `%*%*%*%*x` costs (pattern length x name length) steps, never the exponential
+    backtracking of trying each split in turn."""
     if name == "INBOX" or name.startswith("INBOX/"):
         head = pattern[:5]
         if head.upper() == "INBOX":
             pattern = "INBOX" + pattern[5:]
-    return walk(0, 0)
+    if pattern == "*":
+        return True
+    reached = {0}
+    for c in pattern:
+        if not reached:
+            return False
+        if c == "*":
+            reached = set(range(min(reached), len(name) + 1))
+        elif c == "%":
+            spread: set[int] = set()
+            for n in sorted(reached):
+                if n in spread:
+                    continue
+                spread.add(n)
+                while n < len(name) and name[n] != SEPARATOR:
+                    n += 1
+                    spread.add(n)
+            reached = spread
+        else:
+            reached = {n + 1 for n in reached if n < len(name) and name[n] == c}
+    return len(name) in reached
 
 
 class ImapSession:
