@@ -54,7 +54,48 @@ def domain_of(address: str) -> str:
 
 def parse_address_list(values: list[str]) -> list[tuple[str, str]]:
     """Header values -> [(display name, address)], skipping groups' empty members."""
-    return [(name, addr) for name, addr in getaddresses(values) if addr]
+    return [(name, addr) for name, addr in safe_getaddresses(values) if addr]
+
+
+def safe_getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    """`email.utils.getaddresses`, for headers anyone can write.
+
+    It reads a comment by recursion, a level per "(": a From: of 500 of them, which fits on
+    one line, raises RecursionError (IMAP SORT FROM failed for good on such a mailbox, and the
+    DMARC check on its sender). Comments hold no address (RFC 5322 §3.2.2), so when that
+    happens they are dropped and the values read again."""
+    try:
+        return getaddresses(values)
+    except RecursionError:
+        return getaddresses([_without_comments(v) for v in values])
+
+
+def _without_comments(value: str) -> str:
+    """The value with its (nested) comments replaced by a space; quoted strings and
+    backslash escapes kept as they are, an unclosed comment running to the end."""
+    out: list[str] = []
+    depth = 0
+    quoted = escaped = False
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif quoted:
+            quoted = c != '"'
+        elif c == "(":
+            depth += 1
+            continue
+        elif c == ")" and depth:
+            depth -= 1
+            if not depth:
+                out.append(" ")
+            continue
+        elif c == '"' and not depth:
+            quoted = True
+        if not depth:
+            out.append(c)
+    return "".join(out)
 
 
 def format_address(name: str, address: str) -> str:

@@ -10,48 +10,94 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 
+from postroom.core.address import safe_getaddresses
 from postroom.core.models import MessageRecord
 
 SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",
                        "DISPLAYFROM", "DISPLAYTO"})
 
 _BLOB = r"\[[^\[\]]*\]"
-_LEADER = re.compile(rf"^(?:\s*{_BLOB})*\s*(?:re|fwd?)\s*(?:{_BLOB})?\s*:", re.IGNORECASE)
-_BLOB_LEAD = re.compile(rf"^\s*{_BLOB}\s*")
-_TRAILER = re.compile(r"\s*\(fwd\)\s*$", re.IGNORECASE)
-_FWD_WRAP = re.compile(r"^\[fwd:(.*)\]$", re.IGNORECASE | re.DOTALL)
+_BLOB_AT = re.compile(rf"\s*{_BLOB}")  # one subj-blob, where a match is tried
+_LEADER_TAIL = re.compile(rf"\s*(?:re|fwd?)\s*(?:{_BLOB})?\s*:", re.IGNORECASE)
 
 
 def base_subject(subject: str) -> str:
-    """RFC 5256 §2.1: the subject without Re:, Fwd:, [list] tags and (fwd) trailers."""
+    """RFC 5256 §2.1: the subject without Re:, Fwd:, [list] tags and (fwd) trailers.
+
+    Worked on as a window (start, end) over the subject, each step looking only at the
+    characters it removes: a subject of thousands of tags or trailers ("[a] [a] ...",
+    "x (fwd) (fwd) ...") costs its length, not its length squared (such a subject made a
+    SORT hold the event loop for half a minute when each step re-read the whole rest)."""
     text = " ".join(subject.split())
+    start, end = 0, len(text)
     while True:
-        before = text
-        while True:  # (2) trailers
-            stripped = _TRAILER.sub("", text)
-            if stripped == text:
-                break
-            text = stripped
-        while True:  # (3)-(5) leaders and blobs, while something non-empty remains
-            stripped = _LEADER.sub("", text, count=1).lstrip()
-            if stripped == text:
-                blobless = _BLOB_LEAD.sub("", text, count=1)
-                if blobless and blobless != text:
-                    stripped = blobless
-            if stripped == text:
-                break
-            text = stripped
-        wrapped = _FWD_WRAP.match(text)  # (6) [fwd: ...]
-        if wrapped:
-            text = wrapped.group(1).strip()
-        if text == before:
-            return text.upper()
+        before = (start, end)
+        end = _trailers_end(text, start, end)  # (2)
+        start = _leaders_start(text, start, end)  # (3)-(5)
+        # (6) "[fwd:" ... "]": unwrap and begin again at (2)
+        if end - start >= 6 and text[start:start + 5].lower() == "[fwd:" \
+                and text[end - 1] == "]":
+            start, end = start + 5, end - 1
+            while start < end and text[start].isspace():
+                start += 1
+            while end > start and text[end - 1].isspace():
+                end -= 1
+        if (start, end) == before:
+            return text[start:end].upper()
+
+
+def _trailers_end(text: str, start: int, end: int) -> int:
+    """(2): where the subject ends once every trailing "(fwd)" (and the white space around
+    each) is gone."""
+    while True:
+        cut = end
+        while cut > start and text[cut - 1].isspace():
+            cut -= 1
+        if cut - start < 5 or text[cut - 5:cut].lower() != "(fwd)":
+            return end
+        cut -= 5
+        while cut > start and text[cut - 1].isspace():
+            cut -= 1
+        end = cut
+
+
+def _leaders_start(text: str, start: int, end: int) -> int:
+    """(3)-(5): where the subject starts once its leaders ("Re:", "[list] Fwd[2]:") are gone,
+    and the blobs before the rest, all but one if nothing else is left.
+
+    A subj-leader is blobs then re/fwd: the blobs run on to the first thing that is not
+    one, so a leader can only follow the whole run (where each blob starts there is a "[",
+    never "re"); with none there, (4) drops blob after blob, each pass finding the same run
+    end and no leader after it, so all are dropped at once but the last one if nothing
+    follows it."""
+    while True:
+        blob_starts: list[int] = []
+        pos = start
+        while (blob := _BLOB_AT.match(text, pos, end)) is not None:
+            blob_starts.append(pos)
+            pos = blob.end()
+        leader = _LEADER_TAIL.match(text, pos, end)
+        if leader is not None:
+            start = leader.end()
+            while start < end and text[start].isspace():
+                start += 1
+            continue
+        if not blob_starts:
+            return start
+        while pos < end and text[pos].isspace():
+            pos += 1
+        if pos < end:
+            return pos
+        # only blobs: keep the last one
+        last = blob_starts[-1]
+        while last < end and text[last].isspace():
+            last += 1
+        return last
 
 
 def _mailbox(value: str, display: bool) -> str:
-    pairs = getaddresses([value]) if value else []
+    pairs = safe_getaddresses([value]) if value else []
     if not pairs:
         return ""
     name, address = pairs[0]

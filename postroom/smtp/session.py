@@ -18,7 +18,6 @@ import binascii
 import contextlib
 import email.parser
 import email.policy
-import email.utils
 import logging
 import secrets
 import ssl
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from postroom.config import SmtpSettings
-from postroom.core.address import domain_of, plaintext_login_allowed
+from postroom.core.address import domain_of, plaintext_login_allowed, safe_getaddresses
 from postroom.core.models import Envelope, User
 from postroom.service import AuthFailed, InvalidInput, MailService, RateLimited, TooManyAttempts
 from postroom.smtp.commands import (
@@ -88,7 +87,7 @@ def from_addresses(message: bytes) -> list[str]:
     head = message if end < 0 else message[:end + 2]
     parsed = _header_parser.parsebytes(head)
     values = [str(v) for v in parsed.get_all("From", [])]
-    return [addr for _, addr in email.utils.getaddresses(values) if addr]
+    return [addr for _, addr in safe_getaddresses(values) if addr]
 
 
 class SmtpSession:

@@ -10,7 +10,6 @@ The libraries are synchronous: `Authenticator.check` runs in a worker thread.
 from __future__ import annotations
 
 import contextvars
-import email.utils
 import ipaddress
 import re
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ import dns.name
 import dns.resolver
 import spf
 from publicsuffix2 import PublicSuffixList
+
+from postroom.core.address import safe_getaddresses
 
 _PSL = PublicSuffixList()
 _FROM = re.compile(rb"^from[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
@@ -178,7 +179,7 @@ def _from_domains(raw: bytes) -> list[str]:
     values = [m.group(1).decode("utf-8", "replace").replace("\r", "").replace("\n", "")
               for m in _FROM.finditer(head)]
     domains = []
-    for _, addr in email.utils.getaddresses(values):
+    for _, addr in safe_getaddresses(values):
         if "@" in addr:
             domains.append(addr.rpartition("@")[2].lower().strip(". >"))
     return domains

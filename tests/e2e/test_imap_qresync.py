@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import imaplib
 import re
+import time
 
 from tests.e2e.imap_helpers import quote
 from tests.e2e.server import ServerProcess
@@ -96,4 +97,27 @@ def test_sort_and_thread(server: ServerProcess, box: tuple[imaplib.IMAP4, str]) 
     assert a.ok("UID THREAD REFERENCES UTF-8 ALL") == [
         f"* THREAD ({uids[2]})({uids[0]} {uids[1]})".encode()]
     assert a.command("THREAD ORDEREDSUBJECT UTF-8 ALL")[1].startswith(b"BAD")
+    a.ok("LOGOUT")
+
+
+def test_sort_of_hostile_headers(
+    server: ServerProcess, box: tuple[imaplib.IMAP4, str]  # noqa: F811
+) -> None:
+    """A From: of nested comments (the standard library's address parser recursed once per
+    "(" and failed every SORT FROM of the mailbox) and a subject of 20,000 list tags (each step
+    of the base subject re-read the rest: half a minute of the event loop per SORT)."""
+    client, name = box
+    hostile = (f"From: {'(' * 600}{')' * 600} eve@example.org\r\nTo: alice@example.com\r\n"
+               f"Subject: {'[a] ' * 20_000}tail\r\n\r\nbody\r\n").encode()
+    plain = b"From: bob@example.org\r\nTo: alice@example.com\r\nSubject: zz\r\n\r\nbody\r\n"
+    append(client, name, hostile)
+    append(client, name, plain)
+    a = raw_login(server)
+    a.ok(f"SELECT {quote(name)}")
+    started = time.monotonic()
+    assert a.ok("SORT (SUBJECT) UTF-8 ALL") == [b"* SORT 1 2"]  # TAIL < ZZ
+    assert a.ok("SORT (FROM) UTF-8 ALL") == [b"* SORT 2 1"]  # BOB < EVE
+    assert a.ok("SORT (DISPLAYFROM) UTF-8 ALL") == [b"* SORT 2 1"]
+    assert a.ok("THREAD REFERENCES UTF-8 ALL") == [b"* THREAD (1)(2)"]
+    assert time.monotonic() - started < 10
     a.ok("LOGOUT")
