@@ -18,6 +18,9 @@ from postroom.imap import mime
 from postroom.imap.parser import Cursor, ParseError, SequenceSet, resolve
 
 CHARSETS = ("UTF-8", "US-ASCII")
+# Search keys inside parentheses, OR and NOT, at most this deep: each level is a call here and
+# in every walk of the keys (matching, the search index), which Python caps at ~1,000 deep.
+MAX_DEPTH = 100
 
 
 class BadCharset(Exception):
@@ -188,12 +191,14 @@ def _string(cur: Cursor) -> str:
         raise ParseError("search string is not valid UTF-8") from None
 
 
-def _key(cur: Cursor, state: dict[str, bool]) -> Key:
+def _key(cur: Cursor, state: dict[str, bool], depth: int = 0) -> Key:
+    if depth > MAX_DEPTH:
+        raise ParseError(f"search keys nested more than {MAX_DEPTH} deep")
     if cur.maybe(b"("):
-        keys = [_key(cur, state)]
+        keys = [_key(cur, state, depth + 1)]
         while not cur.maybe(b")"):
             cur.sp()
-            keys.append(_key(cur, state))
+            keys.append(_key(cur, state, depth + 1))
         return All(keys)
     if cur.is_sequence_set_next():
         seq = cur.sequence_set()
@@ -251,12 +256,12 @@ def _key(cur: Cursor, state: dict[str, bool]) -> Key:
         return Test(lambda c, _ctx: c.record.size < size)
     if word == "NOT":
         cur.sp()
-        return Not(_key(cur, state))
+        return Not(_key(cur, state, depth + 1))
     if word == "OR":
         cur.sp()
-        a = _key(cur, state)
+        a = _key(cur, state, depth + 1)
         cur.sp()
-        return Or(a, _key(cur, state))
+        return Or(a, _key(cur, state, depth + 1))
     if word == "UID":
         cur.sp()
         seq = cur.sequence_set()

@@ -148,6 +148,12 @@ def test_commands_in_the_wrong_state_and_bad_syntax(server: ServerProcess) -> No
                 "SEARCH BEFORE 31-Feb-2024", "SELECT \"unterminated"):
         _untagged, tagged = raw.command(bad)
         assert tagged.startswith(b"BAD") or tagged.startswith(b"NO"), (bad, tagged)
+    # search keys nested past what a parser can recurse into: BAD with the reason (they
+    # were NO [SERVERBUG] after a RecursionError)
+    for nested in ("(" * 3000 + "ALL" + ")" * 3000, "NOT " * 3000 + "ALL",
+                   "OR " * 3000 + "ALL" + " ALL" * 3000):
+        assert raw.command("SEARCH " + nested)[1] == b"BAD search keys nested more than 100 deep"
+    assert raw.command("SEARCH " + "NOT " * 100 + "ALL")[1].startswith(b"OK")
     # a tag-less line is answered with an untagged BAD, and the session survives
     raw.send(b"\r\n")
     assert raw.line().startswith(b"* BAD")
