@@ -149,7 +149,8 @@ def create_app(service: MailService, max_request_bytes: int = 50 * 1024 * 1024) 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Response:
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_request_bytes:
+        if length is not None and length.isascii() and length.isdigit() \
+                and (len(length) > 18 or int(length) > max_request_bytes):
             return error_response(413, "too_large",
                                   f"request body exceeds {max_request_bytes} bytes")
         response: Response = await call_next(request)

@@ -123,7 +123,8 @@ class ImageProxy:
         if not content_type.startswith("image/") or content_type == "image/svg+xml":
             raise ImageRefused(502, "not_an_image", "the answer is not an image")
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isascii() and declared.isdigit() \
+                and (len(declared) > 18 or int(declared) > self.max_bytes):
             raise ImageRefused(502, "image_too_large", "the image is too large")
         chunks: list[bytes] = []
         size = 0

@@ -198,7 +198,7 @@ def parse_params(items: list[str]) -> list[tuple[str, str]]:
         if not key:
             continue
         value = _unquote(value)
-        match = re.fullmatch(r"([^*]+)\*(\d+)(\*?)", key)
+        match = re.fullmatch(r"([^*]+)\*(\d{1,9})(\*?)", key)
         if match:
             base = match.group(1)
             if base not in continued:

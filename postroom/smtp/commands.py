@@ -93,9 +93,10 @@ def check_mail_params(params: dict[str, str], max_size: int) -> None:
     """The MAIL FROM parameters we advertise: SIZE, BODY, SMTPUTF8, RET, ENVID (and AUTH)."""
     for key, value in params.items():
         if key == "SIZE":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise CommandError(501, "5.5.4", "SIZE takes a number")
-            if int(value) > max_size:
+            # (int() refuses over 4,300 digits; no message has a 20-digit size anyway)
+            if len(value) > 20 or int(value) > max_size:
                 raise CommandError(552, "5.3.4", "Message size exceeds fixed maximum size")
         elif key == "BODY":
             if value.upper() not in ("7BIT", "8BITMIME"):

@@ -395,11 +395,14 @@ class SmtpSession:
 
     async def bdat(self, arg: str) -> None:
         words = arg.split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() \
+        if not 1 <= len(words) <= 2 or not (words[0].isascii() and words[0].isdigit()) \
                 or (len(words) == 2 and words[1].upper() != "LAST"):
             # Without a size we cannot find the end of the chunk: hang up rather than read
             # message bytes as commands.
             self.reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+            raise CloseSession()
+        if len(words[0]) > 15:  # a petabyte or more: too much to read through and drop
+            self.reply(552, "5.3.4", "Message size exceeds fixed maximum size")
             raise CloseSession()
         size, last = int(words[0]), len(words) == 2
         tx = self.tx

@@ -145,7 +145,9 @@ def test_commands_in_the_wrong_state_and_bad_syntax(server: ServerProcess) -> No
     raw.ok("SELECT INBOX")
     for bad in ("FETCH", "FETCH 1:x FLAGS", "FETCH 1 (FLAGS", "FETCH 1 BODY[HEADER.FIELDS]",
                 "STORE 1 +FLAGS (\\Bogus)", "SEARCH FOO", "UID NOOP", 'LIST "" "INBOX" junk',
-                "SEARCH BEFORE 31-Feb-2024", "SELECT \"unterminated"):
+                "SEARCH BEFORE 31-Feb-2024", "SELECT \"unterminated",
+                "FETCH " + "1" * 5000 + " FLAGS",  # past int()'s 4,300 digits: not a crash
+                "FETCH 1 (FLAGS) (CHANGEDSINCE " + "9" * 5000 + ")"):
         _untagged, tagged = raw.command(bad)
         assert tagged.startswith(b"BAD") or tagged.startswith(b"NO"), (bad, tagged)
     # search keys nested past what a parser can recurse into: BAD with the reason (they

@@ -241,7 +241,15 @@ def test_oversize_refused(srv: ServerProcess, alice: httpx.Client) -> None:
     code, text = c.reply()
     assert (code, text[:5]) == (552, "5.3.4")
     assert c.cmd("NOOP")[0] == 250
-    c.close()
+    # sizes no number type should take: a digit that is not ASCII, a thousand digits
+    code, text = c.cmd("MAIL FROM:<big@remote.test> SIZE=\u00b2")
+    assert (code, text[:5]) == (501, "5.5.4")  # (was 421 "internal error" and a hang-up)
+    code, text = c.cmd("MAIL FROM:<big@remote.test> SIZE=" + "9" * 1000)
+    assert (code, text[:5]) == (552, "5.3.4")
+    c.cmd("MAIL FROM:<big@remote.test>")
+    c.cmd("RCPT TO:<alice@example.test>")
+    code, text = c.cmd("BDAT " + "1" * 1000)  # a chunk too big to read through: hang up
+    assert (code, text[:5]) == (552, "5.3.4") and c.closed()
     time.sleep(0.3)
     assert not {"too big", "long line"} & set(subjects(alice))
 
