@@ -103,3 +103,52 @@ def test_caps_ratio_as_the_loop_counted_it() -> None:
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 120)))
         assert _caps_ratio(text) == counted(text), text
     assert _caps_ratio("ABCDEFGHIJ" * 300) == 10  # only the first 2,000 characters count
+
+
+def test_address_as_the_regex_found_it() -> None:
+    from postroom.spam.features import _address
+
+    addr_rx = re.compile(r"<?([^<>\s@]+@[^<>\s@]+?)>?\s*$")  # what the model was trained with
+
+    def by_regex(value: str) -> tuple[str, str]:
+        value = value.strip()
+        if "," in value:
+            value = value.split(",", 1)[0]
+        match = addr_rx.search(value)
+        if match is None:
+            return value, ""
+        return (value[: match.start()].strip().strip('"').strip(),
+                match.group(1).lower().strip("<>\"' "))
+
+    rng = random.Random(29)
+    pieces = ["a", "B", "@", "<", ">", " ", "\t", '"', "'", ",", ":", ".", "é", "\n", "x@y"]
+    samples = ["Ann <ann@example.org>", "bob@example.org", '"Doe" <J@X.ORG> ', "<a@b>", "a@b>>",
+               "no address", "@", "a@", "@b", "x <a@b> y", "a@b@c"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+                for _ in range(30_000)]
+    for value in samples:
+        assert _address(value) == by_regex(value), value
+    started = time.process_time()
+    for value in ("a:" * 50_000, '\\"' * 50_000, "a" * 100_000 + "@b c"):
+        _address(value)
+    assert time.process_time() - started < 0.5
+
+
+def test_tracking_tail_as_the_regexes_found_it() -> None:
+    from postroom.spam.features import _tracking_tail
+
+    def by_regex(subject: str) -> bool:  # what the model was trained with
+        return bool(re.search(r"\s{3,}\S+$", subject)
+                    or re.search(r"[#\[(]?\d{3,}[\])]?\s*$", subject))
+
+    rng = random.Random(31)
+    pieces = ["a", " ", "  ", "\t", "\n", "1", "22", "\u0665", "]", ")", "(", "[", "#", "x y"]
+    samples = ["Your order   ABC123", "Invoice [12345]", "hello 12", "re: x (2024) ", "a\n"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+                for _ in range(30_000)]
+    for subject in samples:
+        assert _tracking_tail(subject) == by_regex(subject), repr(subject)
+    started = time.process_time()
+    for subject in ("x" + " " * 100_000 + "y z", "1" * 100_000 + "x", "\t" * 100_000 + "y z"):
+        _tracking_tail(subject)
+    assert time.process_time() - started < 0.5
