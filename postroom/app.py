@@ -239,6 +239,7 @@ class Postroom:
             hostname=settings.hostname,
             token_ttl=settings.http.token_ttl,
             max_message_bytes=settings.mail.max_message_bytes,
+            max_recipients=settings.smtp.max_recipients,
         )
         self.service.use_search_index(self.search)
         # Parsing, indexing texts and spam scoring of received mail, in worker processes

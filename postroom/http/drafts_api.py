@@ -13,6 +13,7 @@ import binascii
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Annotated
 
 from fastapi import FastAPI, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,9 +27,9 @@ from postroom.service import InvalidInput, MailService, NotFoundError
 
 class DraftIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    to: list[str] = Field(default_factory=list)
-    cc: list[str] = Field(default_factory=list)
-    bcc: list[str] = Field(default_factory=list)
+    to: list[Annotated[str, Field(max_length=998)]] = Field(default_factory=list)
+    cc: list[Annotated[str, Field(max_length=998)]] = Field(default_factory=list)
+    bcc: list[Annotated[str, Field(max_length=998)]] = Field(default_factory=list)
     subject: str = Field(default="", max_length=998)
     text: str = ""
     in_reply_to: str | None = Field(default=None, max_length=998)
@@ -77,6 +78,10 @@ def draft_bytes(user: User, body: DraftIn, hostname: str) -> bytes:
 
 def add_draft_routes(app: FastAPI, service: MailService) -> None:
     async def _save(user: User, body: DraftIn) -> DraftOut:
+        # a draft's fields are free text: count the addresses they list
+        service.check_recipient_count(sum(v.count(",") + 1 for field in (body.to, body.cc,
+                                                                        body.bcc)
+                                          for v in field if v.strip()))
         drafts = await service.folder_by_role(user, FolderRole.DRAFTS)
         record = await service.append(user, drafts.folder_id,
                                       draft_bytes(user, body, service.hostname),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import json
 import time
 from typing import Any
 
@@ -295,6 +296,13 @@ def test_folder_management(server: ServerProcess) -> None:
          "invalid_input"),
         (b'{"to": ["bob@example.test"], "attachments": [{"filename": "a", '
          b'"content_base64": "***"}]}', "invalid_input"),
+        # past the recipients per message (smtp.max_recipients, 100), duplicates counted: the
+        # header folding that composes the message grows with the square of the list, and
+        # 100,000 of them held the event loop for minutes
+        (json.dumps({"to": ["bob@example.test"] * 100_000, "text": "x"}).encode(),
+         "invalid_input"),
+        (json.dumps({"to": ["bob@example.test"] * 60, "cc": ["bob@example.test"] * 41,
+                     "text": "x"}).encode(), "invalid_input"),
     ],
 )
 def test_bad_send_requests_store_nothing(server: ServerProcess, body: bytes, code: str) -> None:
@@ -305,6 +313,23 @@ def test_bad_send_requests_store_nothing(server: ServerProcess, body: bytes, cod
         assert_error(r, 400, code)
         assert folders(alice)["Sent"]["total"] == sent_before
         assert folders(bob)["INBOX"]["total"] == inbox_before
+
+
+def test_draft_recipients_are_bounded(server: ServerProcess) -> None:
+    """A draft's fields are free text: the addresses they list count against the same
+    limit as a sent message's (the composing grows with the square of the list)."""
+    with client(server) as alice:
+        drafts_before = folders(alice)["Drafts"]["total"]
+        many = ", ".join(f"u{i}@example.org" for i in range(45))  # one field's 998 octets
+        assert_error(alice.post("/v1/drafts", json={"to": [many], "cc": [many], "bcc": [many],
+                                                    "text": "x"}), 400, "invalid_input")
+        assert_error(alice.post("/v1/drafts", json={"to": ["a" * 999], "text": "x"}), 400,
+                     "invalid_request")
+        assert folders(alice)["Drafts"]["total"] == drafts_before
+        r = alice.post("/v1/drafts", json={"to": [many], "cc": ["bob@example.test"],
+                                           "text": "x"})
+        assert r.status_code == 201, r.text
+        assert folders(alice)["Drafts"]["total"] == drafts_before + 1
 
 
 def test_unknown_paths_and_folders(server: ServerProcess) -> None:
