@@ -301,6 +301,18 @@ def _flags_after(flags: Flags, add: Flags | None, remove: Flags | None,
     return _sorted(out)
 
 
+
+# Above this a message is parsed on a thread, not on the event loop: parsing is linear, but a
+# 50 MB message, or one of tens of thousands of MIME parts, takes seconds of it.
+_PARSE_ON_LOOP_MAX = 256 * 1024
+
+
+async def parse_off_loop(raw: bytes) -> ParsedMessage:
+    """parse_message, on a thread for a large message (the loop keeps serving meanwhile)."""
+    if len(raw) <= _PARSE_ON_LOOP_MAX:
+        return parse_message(raw)
+    return await asyncio.to_thread(parse_message, raw)
+
 class MailService:
     def __init__(
         self,
@@ -653,7 +665,7 @@ class MailService:
     async def message_detail(self, user: User, message_id: str) -> MessageDetail:
         record = await self.get_message(user, message_id)
         raw = await self.blobs.get(record.blob_hash)
-        return MessageDetail(record, parse_message(raw))
+        return MessageDetail(record, await parse_off_loop(raw))
 
     async def raw_message(self, user: User, message_id: str) -> bytes:
         """Exactly the bytes that were received."""
@@ -698,7 +710,8 @@ class MailService:
 
     async def attachment(self, user: User, message_id: str, index: int) -> Attachment:
         raw = await self.raw_message(user, message_id)
-        part = attachment_part(raw, index)
+        part = attachment_part(raw, index) if len(raw) <= _PARSE_ON_LOOP_MAX \
+            else await asyncio.to_thread(attachment_part, raw, index)
         if part is None:
             raise NotFoundError("no such attachment")
         return part
@@ -866,7 +879,8 @@ class MailService:
             raise InvalidInput(str(exc)) from None
         self._check_size(raw)
         if self.analysis is None:
-            record, _ = await self._file(user, target, raw, parse_message(raw), parsed_flags,
+            record, _ = await self._file(user, target, raw, await parse_off_loop(raw),
+                                         parsed_flags,
                                          internal_date, None, index_later=index_later)
             return record
         # The parse and the search document in an analysis process (the node's event loop
@@ -898,7 +912,7 @@ class MailService:
                 flags.append(Flags.parse(list(names)))
             except FlagError as exc:
                 raise InvalidInput(str(exc)) from None
-        parsed = [parse_message(raw) for raw, _, _ in messages]
+        parsed = await asyncio.to_thread(lambda: [parse_message(raw) for raw, _, _ in messages])
         digests = await asyncio.gather(*(self._put_before_record(raw) for raw, _, _ in messages))
         now = time.time()
         deliveries = [
@@ -1257,9 +1271,9 @@ class MailService:
             in_reply_to=in_reply_to, references=references,
             message_id=make_message_id(self.hostname), date=time.time(),
         )
-        try:
-            sent_copy = build(include_bcc=True)
-            transmitted = build(include_bcc=False)
+        try:  # on a thread: encoding 50 MB of attachments takes seconds
+            sent_copy, transmitted = await asyncio.to_thread(
+                lambda: (build(include_bcc=True), build(include_bcc=False)))
         except ComposeError as exc:
             raise InvalidInput(str(exc)) from None
         self._check_size(transmitted)
@@ -1334,7 +1348,7 @@ class MailService:
                          user.address), transmitted)
             delivered = tuple(result.delivered)
         sent_folder = await self.folder_by_role(user, FolderRole.SENT)
-        sent, _ = await self._file(user, sent_folder, sent_copy, parse_message(sent_copy),
+        sent, _ = await self._file(user, sent_folder, sent_copy, await parse_off_loop(sent_copy),
                                    Flags(Flag.SEEN), None, None)
         # Whoever the user writes to is trusted for them: their replies skip the Junk folder.
         await self.metadata.add_contacts(user.user_id, [r.lower() for r in envelope.rcpt_to],
@@ -1359,7 +1373,8 @@ class MailService:
             return None
         inbox = await self.folder_by_role(user, FolderRole.INBOX)
         try:
-            record, _ = await self._file(user, inbox, report, parse_message(report), Flags(),
+            record, _ = await self._file(user, inbox, report, await parse_off_loop(report),
+                                         Flags(),
                                          None, f"{delivery_key}:{user.user_id}")
         except Conflict:
             return None  # filed before and since expunged by the user
