@@ -301,7 +301,6 @@ def _flags_after(flags: Flags, add: Flags | None, remove: Flags | None,
     return _sorted(out)
 
 
-
 # Above this a message is parsed on a thread, not on the event loop: parsing is linear, but a
 # 50 MB message, or one of tens of thousands of MIME parts, takes seconds of it.
 _PARSE_ON_LOOP_MAX = 256 * 1024
@@ -312,6 +311,7 @@ async def parse_off_loop(raw: bytes) -> ParsedMessage:
     if len(raw) <= _PARSE_ON_LOOP_MAX:
         return parse_message(raw)
     return await asyncio.to_thread(parse_message, raw)
+
 
 class MailService:
     def __init__(
