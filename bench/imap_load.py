@@ -218,15 +218,17 @@ def loop_seconds(pids: list[int]) -> float:
 
 
 def with_children(pids: list[int]) -> list[int]:
-    """The processes and their descendants (Linux: /proc/PID/task/PID/children)."""
+    """The processes and their descendants (Linux: /proc/PID/task/TID/children, of every
+    thread: a node starts its worker processes from helper threads)."""
     out: list[int] = []
     todo = list(pids)
     while todo:
         pid = todo.pop()
         out.append(pid)
         with contextlib.suppress(FileNotFoundError, ValueError):
-            todo += [int(c) for c in
-                     Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
     return out
 
 

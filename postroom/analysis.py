@@ -110,8 +110,9 @@ class _Worker:
 
 
 class AnalysisPool:
-    def __init__(self, processes: int | None = None) -> None:
+    def __init__(self, processes: int | None = None, name: str = "postroom-analysis") -> None:
         self.processes = processes or default_processes()
+        self.name = name
         self._workers: list[_Worker] = []
         self._readers: set[asyncio.Task[None]] = set()
         self._ids = itertools.count()
@@ -124,12 +125,20 @@ class AnalysisPool:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker (in a thread here if the worker died meanwhile)."""
         try:
+            return await self.call(fn, *args)
+        except WorkerLost as exc:
+            log.warning("%s worker lost (%s); this call runs in the node", self.name, exc)
+            return await asyncio.to_thread(fn, *args)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker; WorkerLost if none could answer it (the worker died with
+        the call out, or could not be reached), for a caller that falls back its own way."""
+        try:
             await self._ensure_workers()
             worker = min(self._workers, key=lambda w: len(w.calls))
             ok, value = await self._call(worker, fn, args)
-        except (WorkerLost, OSError, ValueError) as exc:
-            log.warning("message analysis worker lost (%s); this call runs in the node", exc)
-            return await asyncio.to_thread(fn, *args)
+        except (OSError, ValueError) as exc:
+            raise WorkerLost(str(exc)) from exc
         if not ok:
             raise value
         result: T = value
@@ -162,7 +171,7 @@ class AnalysisPool:
     async def _spawn(self) -> _Worker:
         ours, theirs = multiprocessing.Pipe(duplex=True)
         process = multiprocessing.get_context("spawn").Process(
-            target=_serve, args=(theirs,), name="postroom-analysis", daemon=True)
+            target=_serve, args=(theirs,), name=self.name, daemon=True)
         await asyncio.to_thread(process.start)
         theirs.close()
         sock = socket.socket(fileno=os.dup(ours.fileno()))
@@ -203,6 +212,14 @@ class AnalysisPool:
             self._retire(worker)
         for task in list(self._readers):
             task.cancel()
+
+    async def stop(self) -> None:
+        """`close`, then wait for the workers to end (a worker that holds a file's write lock
+        has let go of it when this returns)."""
+        processes = [worker.process for worker in self._workers]
+        self.close()
+        for process in processes:
+            await asyncio.to_thread(process.join, 10.0)
 
 
 @dataclass(frozen=True, slots=True)

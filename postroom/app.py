@@ -262,6 +262,14 @@ class Postroom:
             await backend.open()
             self._opened.append(backend)
 
+    async def offload_search_writes(self) -> None:
+        """The embedded search index writes in a process of its own from now on (a serving
+        node; see SqliteSearchIndex.start_writer_process). Other indexes write over the
+        network already, and one-off commands keep their writer thread."""
+        start = getattr(self.search, "start_writer_process", None)
+        if start is not None:
+            await start()
+
     async def start_workers(self) -> None:
         from postroom.mailflow.incoming import run_incoming_worker
 

@@ -334,6 +334,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async with Postroom(settings) as node:
+        await node.offload_search_writes()
         if node.service.indexer is not None:  # index writes IMAP queued before a crash
             node.service.indexer.claim_journal(settings.data_dir)
             await node.service.indexer.recover(node.metadata)

@@ -14,9 +14,10 @@ Scoping by user is structural: each user gets a number `n` and every document id
 in [n << 32, (n + 1) << 32), so every full-text query carries `rowid BETWEEN` on the user's
 range (FTS5 seeks within its doclists) as well as `docs.user_id = ?`.
 
-Concurrency follows the metadata store: one writer thread runs each whole transaction, readers
-use their own connections (WAL), and other processes (`postroom search reindex`) may write the
-same file: every write is a short `BEGIN IMMEDIATE` transaction that waits on busy_timeout.
+Concurrency follows the metadata store: one writer runs each whole transaction (a thread, or
+in `postroom serve` a process of its own, `start_writer_process`), readers use their own
+connections (WAL), and other processes (`postroom search reindex`) may write the same file:
+every write is a short `BEGIN IMMEDIATE` transaction that waits on busy_timeout.
 The index can always be rebuilt from the mail, so commits do not fsync (synchronous=NORMAL).
 """
 
@@ -29,7 +30,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postroom.store.search import (
     MAX_IMAP_TEXT,
@@ -53,6 +54,9 @@ from postroom.store.search import (
     Sort,
     Words,
 )
+
+if TYPE_CHECKING:
+    from postroom.analysis import AnalysisPool
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -273,6 +277,33 @@ class _Compiler:
         raise TypeError(f"not a search criterion: {node!r}")
 
 
+def _transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(conn, *args)` in one BEGIN IMMEDIATE transaction, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+_PROCESS_CONNS: dict[str, sqlite3.Connection] = {}
+
+
+def _write_in_process(path: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """A write transaction in the search index's writer process, on the connection it keeps
+    to that file (opened at its first write)."""
+    conn = _PROCESS_CONNS.get(path)
+    if conn is None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _PROCESS_CONNS[path] = conn
+    return _transaction(conn, fn, *args)
+
+
 class SqliteSearchIndex:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -282,6 +313,7 @@ class SqliteSearchIndex:
         self._write_conn: sqlite3.Connection | None = None
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._process: AnalysisPool | None = None
 
     # ---- plumbing
 
@@ -300,20 +332,36 @@ class SqliteSearchIndex:
             self._local.conn = conn
         return conn
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(conn, *args)` in one write transaction: in the writer process if one was
+        started (`start_writer_process`), else (or if that process died with the call out)
+        on the writer thread. `fn` is a function of this module or class (it is pickled by
+        name for the process) and its arguments are plain data."""
+        if self._process is not None:
+            from postroom.analysis import WorkerLost
+
+            try:
+                return await self._process.call(_write_in_process, self.path, fn, args)
+            except WorkerLost as exc:
+                log.warning("search index writer process lost (%s); this write runs here",
+                            exc)
+
         def run() -> T:
             conn = self._write_conn
             assert conn is not None, "search index not open"
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+            return _transaction(conn, fn, *args)
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+
+    async def start_writer_process(self) -> None:
+        """Write from now on in a process of its own (`postroom serve`): FTS5 tokenizes in
+        SQLite without the GIL, but a writer thread still takes the GIL between statements,
+        hundreds of times a second, from an event loop that is busy with every session."""
+        from postroom.analysis import AnalysisPool
+
+        if self._process is None:
+            self._process = AnalysisPool(processes=1, name="postroom-search-writer")
+            await self._process.start()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
@@ -354,6 +402,10 @@ class SqliteSearchIndex:
         await asyncio.get_running_loop().run_in_executor(self._writer, setup)
 
     async def close(self) -> None:
+        if self._process is not None:
+            process, self._process = self._process, None
+            await process.stop()
+
         def shut() -> None:
             with self._lock:
                 for conn in self._conns:
@@ -429,110 +481,118 @@ class SqliteSearchIndex:
         if not docs:
             return
 
-        def run(conn: sqlite3.Connection) -> None:
-            # the last of a message id in the batch wins, as if indexed one after another
-            latest = {(d.user_id, d.state.message_id): d for d in docs}
-            batch = list(latest.values())
-            old = []
-            for doc in batch:
-                row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
-                                   (doc.user_id, doc.state.message_id)).fetchone()
-                if row is not None:
-                    old.append(int(row[0]))
-            if old:
-                self._delete_ids(conn, old)
-            ids = self._new_ids(conn, [d.user_id for d in batch])
-            rows = []
-            for doc_id, doc in zip(ids, batch, strict=True):
-                s = doc.state
-                partial = doc.partial or len(doc.imap_headers) > MAX_IMAP_TEXT \
-                    or len(doc.imap_body) > MAX_IMAP_TEXT
-                rows.append((doc_id, doc.user_id, s.message_id, s.folder_id, s.uid, s.sysflags,
-                             " ".join(s.keywords), s.internal_date, s.size, doc.blob_hash,
-                             int(doc.has_attachments), int(partial)))
-            conn.executemany(
-                "INSERT INTO docs (id, user_id, message_id, folder_id, uid, sysflags, keywords, "
-                "internal_date, size, blob_hash, has_attachments, partial) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            # the full-text inserts last, each table in one run (see _new_ids)
-            conn.executemany(
-                "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
-                "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, _text(d.from_), _text(d.to), _text(d.cc), _text(d.bcc), _text(d.subject),
-                  _text(d.body), _text(d.filenames)) for i, d in zip(ids, batch, strict=True)])
-            conn.executemany("INSERT INTO grams_h (rowid, text) VALUES (?, ?)",
-                             [(i, _text(d.imap_headers[:MAX_IMAP_TEXT]))
-                              for i, d in zip(ids, batch, strict=True)])
-            conn.executemany("INSERT INTO grams_b (rowid, text) VALUES (?, ?)",
-                             [(i, _text(d.imap_body[:MAX_IMAP_TEXT]))
-                              for i, d in zip(ids, batch, strict=True)])
-
-        await self._write(run)
+        await self._write(SqliteSearchIndex._index_tx, docs)
 
     async def copy(self, user_id: str, blob_hash: str, state: DocState) -> bool:
-        def run(conn: sqlite3.Connection) -> bool:
-            src = conn.execute(
-                "SELECT id, has_attachments, partial FROM docs WHERE user_id = ? "
-                "AND blob_hash = ? LIMIT 1", (user_id, blob_hash)).fetchone()
-            if src is None:
-                return False
-            old = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
-                               (user_id, state.message_id)).fetchone()
-            if old is not None:
-                self._delete_ids(conn, [int(old[0])])
-            doc_id = self._new_ids(conn, [user_id])[0]
-            self._insert_doc_row(conn, doc_id, user_id, state, blob_hash, bool(src[1]),
-                                 bool(src[2]))
-            conn.execute(
-                "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
-                "f_filename) SELECT ?, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
-                "f_filename FROM words WHERE rowid = ?", (doc_id, src[0]))
-            for table in ("grams_h", "grams_b"):
-                conn.execute(f"INSERT INTO {table} (rowid, text) SELECT ?, text FROM {table} "
-                             "WHERE rowid = ?", (doc_id, src[0]))
-            return True
-
-        return await self._write(run)
+        return await self._write(SqliteSearchIndex._copy_tx, user_id, blob_hash, state)
 
     async def update(self, user_id: str, states: Sequence[DocState]) -> None:
         if not states:
             return
 
-        def run(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE docs SET folder_id = ?, uid = ?, sysflags = ?, keywords = ?, "
-                "internal_date = ?, size = ? WHERE user_id = ? AND message_id = ?",
-                [(s.folder_id, s.uid, s.sysflags, " ".join(s.keywords), s.internal_date,
-                  s.size, user_id, s.message_id) for s in states])
-
-        await self._write(run)
+        await self._write(SqliteSearchIndex._update_tx, user_id, states)
 
     async def remove(self, user_id: str, message_ids: Sequence[str]) -> None:
         if not message_ids:
             return
 
-        def run(conn: sqlite3.Connection) -> None:
-            ids: list[int] = []
-            for mid in message_ids:
-                row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
-                                   (user_id, mid)).fetchone()
-                if row is not None:
-                    ids.append(int(row[0]))
-            self._delete_ids(conn, ids)
-
-        await self._write(run)
+        await self._write(SqliteSearchIndex._remove_tx, user_id, message_ids)
 
     async def remove_user(self, user_id: str) -> None:
-        def run(conn: sqlite3.Connection) -> None:
-            n = self._user_n(conn, user_id)
-            if n is None:
-                return
-            lo, hi = self._range_of(n)
-            for table in ("words", "grams_h", "grams_b"):
-                conn.execute(f"DELETE FROM {table} WHERE rowid BETWEEN ? AND ?", (lo, hi))
-            conn.execute("DELETE FROM docs WHERE user_id = ?", (user_id,))
+        await self._write(SqliteSearchIndex._remove_user_tx, user_id)
 
-        await self._write(run)
+    @staticmethod
+    def _index_tx(conn: sqlite3.Connection, docs: Sequence[IndexDocument]) -> None:
+        # the last of a message id in the batch wins, as if indexed one after another
+        latest = {(d.user_id, d.state.message_id): d for d in docs}
+        batch = list(latest.values())
+        old = []
+        for doc in batch:
+            row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                               (doc.user_id, doc.state.message_id)).fetchone()
+            if row is not None:
+                old.append(int(row[0]))
+        if old:
+            SqliteSearchIndex._delete_ids(conn, old)
+        ids = SqliteSearchIndex._new_ids(conn, [d.user_id for d in batch])
+        rows = []
+        for doc_id, doc in zip(ids, batch, strict=True):
+            s = doc.state
+            partial = doc.partial or len(doc.imap_headers) > MAX_IMAP_TEXT \
+                or len(doc.imap_body) > MAX_IMAP_TEXT
+            rows.append((doc_id, doc.user_id, s.message_id, s.folder_id, s.uid, s.sysflags,
+                         " ".join(s.keywords), s.internal_date, s.size, doc.blob_hash,
+                         int(doc.has_attachments), int(partial)))
+        conn.executemany(
+            "INSERT INTO docs (id, user_id, message_id, folder_id, uid, sysflags, keywords, "
+            "internal_date, size, blob_hash, has_attachments, partial) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        # the full-text inserts last, each table in one run (see _new_ids)
+        conn.executemany(
+            "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+            "f_filename) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(i, _text(d.from_), _text(d.to), _text(d.cc), _text(d.bcc), _text(d.subject),
+              _text(d.body), _text(d.filenames)) for i, d in zip(ids, batch, strict=True)])
+        conn.executemany("INSERT INTO grams_h (rowid, text) VALUES (?, ?)",
+                         [(i, _text(d.imap_headers[:MAX_IMAP_TEXT]))
+                          for i, d in zip(ids, batch, strict=True)])
+        conn.executemany("INSERT INTO grams_b (rowid, text) VALUES (?, ?)",
+                         [(i, _text(d.imap_body[:MAX_IMAP_TEXT]))
+                          for i, d in zip(ids, batch, strict=True)])
+
+    @staticmethod
+    def _copy_tx(conn: sqlite3.Connection, user_id: str, blob_hash: str,
+                 state: DocState) -> bool:
+        src = conn.execute(
+            "SELECT id, has_attachments, partial FROM docs WHERE user_id = ? "
+            "AND blob_hash = ? LIMIT 1", (user_id, blob_hash)).fetchone()
+        if src is None:
+            return False
+        old = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                           (user_id, state.message_id)).fetchone()
+        if old is not None:
+            SqliteSearchIndex._delete_ids(conn, [int(old[0])])
+        doc_id = SqliteSearchIndex._new_ids(conn, [user_id])[0]
+        SqliteSearchIndex._insert_doc_row(conn, doc_id, user_id, state, blob_hash,
+                                          bool(src[1]), bool(src[2]))
+        conn.execute(
+            "INSERT INTO words (rowid, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+            "f_filename) SELECT ?, f_from, f_to, f_cc, f_bcc, f_subject, f_body, "
+            "f_filename FROM words WHERE rowid = ?", (doc_id, src[0]))
+        for table in ("grams_h", "grams_b"):
+            conn.execute(f"INSERT INTO {table} (rowid, text) SELECT ?, text FROM {table} "
+                         "WHERE rowid = ?", (doc_id, src[0]))
+        return True
+
+    @staticmethod
+    def _update_tx(conn: sqlite3.Connection, user_id: str,
+                   states: Sequence[DocState]) -> None:
+        conn.executemany(
+            "UPDATE docs SET folder_id = ?, uid = ?, sysflags = ?, keywords = ?, "
+            "internal_date = ?, size = ? WHERE user_id = ? AND message_id = ?",
+            [(s.folder_id, s.uid, s.sysflags, " ".join(s.keywords), s.internal_date,
+              s.size, user_id, s.message_id) for s in states])
+
+    @staticmethod
+    def _remove_tx(conn: sqlite3.Connection, user_id: str,
+                   message_ids: Sequence[str]) -> None:
+        ids: list[int] = []
+        for mid in message_ids:
+            row = conn.execute("SELECT id FROM docs WHERE user_id = ? AND message_id = ?",
+                               (user_id, mid)).fetchone()
+            if row is not None:
+                ids.append(int(row[0]))
+        SqliteSearchIndex._delete_ids(conn, ids)
+
+    @staticmethod
+    def _remove_user_tx(conn: sqlite3.Connection, user_id: str) -> None:
+        n = SqliteSearchIndex._user_n(conn, user_id)
+        if n is None:
+            return
+        lo, hi = SqliteSearchIndex._range_of(n)
+        for table in ("words", "grams_h", "grams_b"):
+            conn.execute(f"DELETE FROM {table} WHERE rowid BETWEEN ? AND ?", (lo, hi))
+        conn.execute("DELETE FROM docs WHERE user_id = ?", (user_id,))
 
     # ---- reads
 

@@ -7,6 +7,8 @@ the substring narrowing IMAP SEARCH relies on.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -40,11 +42,22 @@ DAY = 86400.0
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+class ProcessWrittenIndex(SqliteSearchIndex):
+    """The embedded index as `postroom serve` runs it: writes in a process of its own."""
+
+    async def open(self) -> None:
+        await super().open()
+        await self.start_writer_process()
+
+
+@pytest.fixture(params=["sqlite", "sqlite-writer-process", "postgres"])
 def index_factory(request: pytest.FixtureRequest, tmp_path: Path) -> IndexFactory:
     if request.param == "sqlite":
         path = str(tmp_path / "search.db")
         return lambda: SqliteSearchIndex(path)
+    if request.param == "sqlite-writer-process":
+        path = str(tmp_path / "search.db")
+        return lambda: ProcessWrittenIndex(path)
     if request.param == "postgres":
         from postroom.store.postgres_search import PostgresSearchIndex
 
@@ -305,3 +318,27 @@ async def test_long_bodies_odd_characters_and_long_tokens(index: SearchIndex) ->
     assert await ids(index, U1, Words("zebra")) == ["long"]
     assert (await index.narrow(U1, "inbox", Contains("body", "w29999 zeb"))).possible \
         == {"long"}
+
+
+async def test_writes_outlive_their_writer_process(tmp_path: Path) -> None:
+    """The writer process killed: the write in flight and those after it are made all the
+    same (here, then by a new process), and nothing is written twice."""
+    index = ProcessWrittenIndex(str(tmp_path / "search.db"))
+    await index.open()
+    try:
+        await index.index([doc(U1, "m1", uid=1, body="alpha")])
+        assert index._process is not None
+        (worker,) = index._process._workers
+        first = worker.process.pid
+        assert first is not None and first != os.getpid()
+        os.kill(first, signal.SIGKILL)
+        await index.index([doc(U1, "m2", uid=2, body="beta")])
+        await index.remove(U1, ["m1"])
+        await index.update(U1, [DocState("m2", "inbox", 2, int(Flag.SEEN), (), T0, 1000)])
+        assert await index.indexed_ids(U1) == {"m2"}
+        (worker,) = index._process._workers
+        assert worker.process.pid not in (None, first)
+        hits = await index.search(U1, And((Words("beta"), HasFlag(Flag.SEEN))))
+        assert [h.message_id for h in hits] == ["m2"]
+    finally:
+        await index.close()
