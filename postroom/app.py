@@ -92,9 +92,11 @@ async def migrate_metadata(
     raise ConfigError(f"unsupported metadata store {url!r}")
 
 
-def make_blobs(url: str, pack_path: str | None = None) -> BlobStore:
+def make_blobs(url: str, pack_path: str | None = None,
+               pack_engine: SqliteFile | None = None) -> BlobStore:
     """The blob store; for file://, `pack_path` is the SQLite file to keep small blobs in
-    (the metadata's, when it is SQLite: see postroom/store/sqlite_blobs.py)."""
+    (the metadata's, when it is SQLite: see postroom/store/sqlite_blobs.py), and
+    `pack_engine` that file's store, whose connections the pack then shares."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         from postroom.store.fs_blobs import PACK_MAX, FsBlobStore
@@ -112,7 +114,8 @@ def make_blobs(url: str, pack_path: str | None = None) -> BlobStore:
         except ValueError:
             raise ConfigError(f"blob store {url!r}: pack_max must be a number of bytes,"
                               " 0 for none") from None
-        return FsBlobStore(parts.path, pack_max=pack_max, pack_path=pack_path)
+        return FsBlobStore(parts.path, pack_max=pack_max, pack_path=pack_path,
+                           pack_engine=pack_engine)
     if parts.scheme == "s3":
         from postroom.store.s3_blobs import S3BlobStore
 
@@ -224,8 +227,10 @@ class Postroom:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = make_metadata(settings.storage_url("metadata"))
         # small blobs in the metadata's SQLite file: an APPEND then waits for one fsync
-        self.blobs = make_blobs(settings.storage_url("blobs"), pack_path=(
-            self.metadata.path if isinstance(self.metadata, SqliteFile) else None))
+        engine = self.metadata if isinstance(self.metadata, SqliteFile) else None
+        self.blobs = make_blobs(settings.storage_url("blobs"),
+                                pack_path=engine.path if engine is not None else None,
+                                pack_engine=engine)
         self.queue = make_queue(settings.storage_url("queue"))
         self.cache = make_cache(settings.storage_url("cache"))
         self.events = make_events(settings.storage_url("events"))

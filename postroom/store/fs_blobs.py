@@ -55,10 +55,14 @@ def _fsync_dir(path: str) -> None:
 class FsBlobStore:
     """`BlobStore` on a local directory (`file:///var/lib/postroom/blobs`)."""
 
-    def __init__(self, root: str, pack_max: int = PACK_MAX, pack_path: str | None = None) -> None:
+    def __init__(self, root: str, pack_max: int = PACK_MAX, pack_path: str | None = None,
+                 pack_engine: SqliteFile | None = None) -> None:
+        """`pack_engine`: the open store of the file `pack_path` names, for the pack to
+        share (SqliteBlobPack)."""
         self.root = os.path.abspath(root)
         self.pack_max = pack_max
-        self.pack = (SqliteBlobPack(pack_path or os.path.join(self.root, _PACK, "blobs.db"))
+        self.pack = (SqliteBlobPack(pack_path or os.path.join(self.root, _PACK, "blobs.db"),
+                                    engine=pack_engine)
                      if pack_max > 0 else None)
         # directories this store has seen exist: a put into one skips looking (the fan-out
         # never shrinks; if one vanishes anyway, the put makes it again)

@@ -23,6 +23,7 @@ Large blobs stay files (`FsBlobStore`'s `pack_max`), where the WAL would write t
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -45,6 +46,27 @@ class SqliteBlobPack(SqliteFile):
     _name = "blob pack"
     _thread_prefix = "postroom-pack"
 
+    def __init__(self, path: str, engine: SqliteFile | None = None) -> None:
+        """`engine`: the open store of that same file (the metadata's) whose connections,
+        threads and group commit the pack then shares instead of opening its own: one write
+        connection per file, so neither empties the other's page cache with each commit (a
+        second connection to the same file re-read its pages after every commit of the
+        first), and one syncer for the one WAL."""
+        super().__init__(path)
+        self._db: SqliteFile = engine if engine is not None else self
+        if engine is not None and os.path.abspath(engine.path) != os.path.abspath(path):
+            raise ValueError("a blob pack shares only the store of its own file")
+
+    async def open(self) -> None:
+        if self._db is self:
+            await super().open()
+        else:  # the engine is open already (the node opens the metadata first)
+            await self._db._write(_make_table)
+
+    async def close(self) -> None:
+        if self._db is self:
+            await super().close()
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
         # A table of its own in whatever file it is given (the metadata's has its own
         # migrations, in schema_migrations): made once, if missing.
@@ -54,10 +76,7 @@ class SqliteBlobPack(SqliteFile):
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS packed_blobs ("
-                " digest BLOB PRIMARY KEY, put_at REAL NOT NULL,"
-                " quarantined INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL)")
+            _make_table(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -68,39 +87,39 @@ class SqliteBlobPack(SqliteFile):
         waits for a later commit to this same file (the WAL) before it answers anyone."""
         digest = blob_hash(data)
         args = (bytes.fromhex(digest), bytes(data), time.time())
-        await (self._write(_put, *args) if sync else self._commit(_put, *args))
+        await (self._db._write(_put, *args) if sync else self._db._commit(_put, *args))
         return digest
 
     async def get(self, digest: str) -> bytes:
         key = _key(digest)
-        row = await self._read_now(_get, key)
+        row = await self._db._read_now(_get, key)
         if row is None:
             raise NotFound(f"blob {digest}")
         quarantined, data = row
         if quarantined:  # the collector set it aside while someone came to refer to it
-            await self._write(_restore, key)
+            await self._db._write(_restore, key)
         return bytes(data)
 
     async def exists(self, digest: str) -> bool:
-        return await self._read_now(_get_mark, _key(digest)) == 0
+        return await self._db._read_now(_get_mark, _key(digest)) == 0
 
     async def delete(self, digest: str) -> None:
-        await self._write(_delete, _key(digest), 0)
+        await self._db._write(_delete, _key(digest), 0)
 
     async def quarantine(self, digest: str, untouched_for: float) -> bool:
-        return await self._write(_quarantine, _key(digest), time.time() - untouched_for)
+        return await self._db._write(_quarantine, _key(digest), time.time() - untouched_for)
 
     async def restore(self, digest: str) -> None:
-        await self._write(_restore, _key(digest))
+        await self._db._write(_restore, _key(digest))
 
     async def purge(self, digest: str) -> None:
-        await self._write(_delete, _key(digest), 1)
+        await self._db._write(_delete, _key(digest), 1)
 
     async def scan(self, untouched_for: float) -> AsyncIterator[str]:
         before = time.time() - untouched_for
         after = b""
         while True:
-            page = await self._read(_scan_page, after, before)
+            page = await self._db._read(_scan_page, after, before)
             for key in page:
                 yield key.hex()
             if len(page) < _SCAN_PAGE:
@@ -109,6 +128,13 @@ class SqliteBlobPack(SqliteFile):
 
 
 # Transactions (each runs whole, on the loop or a thread of SqliteFile's).
+
+
+def _make_table(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS packed_blobs ("
+        " digest BLOB PRIMARY KEY, put_at REAL NOT NULL,"
+        " quarantined INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL)")
 
 
 def _put(conn: sqlite3.Connection, key: bytes, data: bytes, now: float) -> None:

@@ -174,10 +174,13 @@ from postroom.store.sqlite_metadata import SqliteMetadataStore
 
 async def main():
     meta = SqliteMetadataStore(sys.argv[1] + "/metadata.db")
-    blobs = FsBlobStore(sys.argv[1] + "/blobs", pack_path=meta.path)
+    shared = sys.argv[3] == "shared"  # the node's way: one connection for both
+    blobs = FsBlobStore(sys.argv[1] + "/blobs", pack_path=meta.path,
+                        pack_engine=meta if shared else None)
     await meta.open()
     await blobs.open()
     assert blobs.shares_log_with(meta)
+    assert (blobs.pack._write_conn is None) == shared
     user = await meta.create_user(f"u{sys.argv[2]}@example.test", "x")
     folder = await meta.create_folder(user.user_id, "INBOX")
     n = 0
@@ -196,12 +199,16 @@ asyncio.run(main())
 """
 
 
-def test_an_unsynced_put_is_durable_with_the_record_after_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("connection", ["shared", "own"])
+def test_an_unsynced_put_is_durable_with_the_record_after_it(tmp_path: Path,
+                                                             connection: str) -> None:
     """The embedded default's APPEND: the pack in the metadata's file, the blob's commit not
     waited for, the record's commit waited for. Killed mid-stream, every record that was
-    answered finds its blob (one WAL, replayed in order)."""
+    answered finds its blob (one WAL, replayed in order), whether the pack writes on the
+    metadata store's connection (as a node has it) or on one of its own."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(tmp_path), "1"], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(tmp_path), "1", connection],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     answered: list[str] = []
     try:
