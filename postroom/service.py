@@ -1008,9 +1008,12 @@ class MailService:
         replace: Sequence[str] | None = None,
         unchanged_since: int | None = None,
         index_later: bool = False,
+        believed: MessageRecord | None = None,
     ) -> tuple[list[MessageRecord], list[str]]:
         """Change flags as set_flags does, optionally only where modseq <= unchanged_since
-        (with index_later, the search index hears of it after this returns).
+        (with index_later, the search index hears of it after this returns). `believed`:
+        the caller's last known copy of the one message (an IMAP session's map), which
+        spares the read that looks for a change when that copy already shows one.
 
         Returns the changed records and the ids left alone because they were modified after
         unchanged_since (CONDSTORE's MODIFIED response code, RFC 7162 §3.1.3).
@@ -1021,10 +1024,15 @@ class MailService:
             replace_flags = Flags.parse(list(replace)) if replace is not None else None
         except FlagError as exc:
             raise InvalidInput(str(exc)) from None
-        if len(message_ids) == 1 and unchanged_since is None:
+        if len(message_ids) == 1 and unchanged_since is None and (
+                believed is None or believed.message_id != message_ids[0]
+                or _flags_after(believed.flags, add_flags, remove_flags,
+                                replace_flags) == _sorted(believed.flags)):
             # A STORE that changes nothing (a client setting \Seen again) needs no write:
             # on a fresh point read the message already has (or lacks) those flags, or is
-            # gone, so doing nothing is what the write would do at that instant.
+            # gone, so doing nothing is what the write would do at that instant. (Where the
+            # caller's copy shows a change, the write goes ahead: it compares with the
+            # stored flags itself and changes nothing if that copy was out of date.)
             current = await self.metadata.get_message(user.user_id, message_ids[0])
             if current is None or _flags_after(current.flags, add_flags, remove_flags,
                                                replace_flags) == _sorted(current.flags):

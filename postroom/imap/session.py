@@ -1262,6 +1262,7 @@ class ImapSession:
                 remove=flags if kind == "-FLAGS" else (),
                 replace=flags if kind == "FLAGS" else None,
                 unchanged_since=unchanged_since, index_later=True,
+                believed=selected.records[live[0]] if len(live) == 1 else None,
             )
         except InvalidInput as exc:
             raise _bad(str(exc)) from None

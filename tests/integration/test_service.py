@@ -215,3 +215,28 @@ async def test_folder_rules(node: Postroom, users: tuple[User, User]) -> None:
     a = await svc(node).create_folder(alice, "A")
     with pytest.raises(InvalidInput):
         await svc(node).rename_folder(alice, a.folder_id, "A/B")
+
+
+async def test_a_store_on_an_out_of_date_copy_changes_nothing(
+        node: Postroom, users: tuple[User, User]) -> None:
+    """IMAP hands store_flags its session's copy of the message: where that copy shows a
+    change the read before the write is skipped, and the write itself still finds that the
+    stored flags have it already (no modseq bump, nothing returned)."""
+    alice, _ = users
+    s = svc(node)
+    record = await s.append(alice, "INBOX", b"Subject: x\r\n\r\nbody\r\n")
+    changed, _ = await s.store_flags(alice, [record.message_id], add=["\\Seen"],
+                                     believed=record)
+    assert [r.flags.names() for r in changed] == [["\\Seen"]]
+    before = await s.get_folder(alice, record.folder_id)
+    # the copy from before still lacks \Seen, as a session that missed the change would have
+    again, _ = await s.store_flags(alice, [record.message_id], add=["\\Seen"], believed=record)
+    assert again == []
+    after = await s.get_folder(alice, record.folder_id)
+    assert after.highestmodseq == before.highestmodseq
+    # an up-to-date copy that shows a change: written at once
+    fresh = changed[0]
+    removed, _ = await s.store_flags(alice, [record.message_id], remove=["\\Seen"],
+                                     believed=fresh)
+    assert [r.flags.names() for r in removed] == [[]]
+    assert (await s.get_folder(alice, record.folder_id)).highestmodseq > after.highestmodseq
