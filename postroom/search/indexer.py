@@ -207,6 +207,8 @@ class Indexer:
                 if not self._waiting:
                     self._hurry.clear()
                 self._running = _regroup(batch)
+                if len(self._running) > 1 and await self._write_together(self._running):
+                    self._running = []
                 while self._running:
                     item = self._running.pop(0)
                     try:
@@ -228,6 +230,29 @@ class Indexer:
             else:
                 self._forget_journal()
             self._idle.set()
+
+    async def _write_together(self, items: list[_Queued]) -> bool:
+        """The regrouped queue in one index transaction, where the index can (`write_batch`):
+        one commit and, in a writer process, one round trip instead of one per user and kind.
+        False if it cannot or the batch failed (rolled back whole): then item by item."""
+        write_batch = getattr(self.index, "write_batch", None)
+        if write_batch is None:
+            return False
+        try:
+            ops: list[tuple[str, str, Sequence[Any]]] = []
+            for item in items:
+                if item.kind == "index":
+                    ops.append(("index", "", await self._documents(item.items)))
+                elif item.kind == "update":
+                    ops.append(("update", item.user_id, [doc_state(r) for r in item.items]))
+                else:
+                    ops.append(("remove", item.user_id, list(item.items)))
+            await write_batch(ops)
+        except Exception:
+            log.warning("a batch of queued search index writes failed; writing them one by "
+                        "one", exc_info=True)
+            return False
+        return True
 
     # -- writes the caller waits for
 
@@ -253,22 +278,29 @@ class Indexer:
         """New records in one index transaction, each document from its template when there
         is one, else built here (once for copies of the same bytes)."""
         try:
-            built: dict[int, IndexDocument] = {}
-            docs: list[IndexDocument] = []
-            for record, raw, parsed, template in messages:
-                if template is not None:
-                    docs.append(for_record(template, record))
-                    continue
-                doc = built.get(id(raw))
-                if doc is None:
-                    doc = built[id(raw)] = await make_document(record, raw, parsed)
-                else:
-                    doc = dataclasses.replace(doc, user_id=record.user_id,
-                                              state=doc_state(record))
-                docs.append(doc)
-            await self.index.index(docs)
+            await self.index.index(await self._documents(messages))
         except Exception:
             log.exception("indexing %d new messages failed", len(messages))
+
+    @staticmethod
+    async def _documents(
+        messages: Sequence[tuple[MessageRecord, bytes, ParsedMessage, IndexDocument | None]],
+    ) -> list[IndexDocument]:
+        """Each new record's document: from its template when there is one, else built here
+        (once for copies of the same bytes)."""
+        built: dict[int, IndexDocument] = {}
+        docs: list[IndexDocument] = []
+        for record, raw, parsed, template in messages:
+            if template is not None:
+                docs.append(for_record(template, record))
+                continue
+            doc = built.get(id(raw))
+            if doc is None:
+                doc = built[id(raw)] = await make_document(record, raw, parsed)
+            else:
+                doc = dataclasses.replace(doc, user_id=record.user_id, state=doc_state(record))
+            docs.append(doc)
+        return docs
 
     async def added_documents(
         self, documents: Sequence[tuple[MessageRecord, IndexDocument | None]]

@@ -501,6 +501,12 @@ class SqliteSearchIndex:
     async def remove_user(self, user_id: str) -> None:
         await self._write(SqliteSearchIndex._remove_user_tx, user_id)
 
+    async def write_batch(self, ops: Sequence[tuple[str, str, Sequence[Any]]]) -> None:
+        """Writes in order, in one transaction: ("index", "", documents), ("update",
+        user_id, states), ("remove", user_id, message_ids); all or none are made."""
+        if ops:
+            await self._write(SqliteSearchIndex._batch_tx, list(ops))
+
     @staticmethod
     def _index_tx(conn: sqlite3.Connection, docs: Sequence[IndexDocument]) -> None:
         # the last of a message id in the batch wins, as if indexed one after another
@@ -583,6 +589,19 @@ class SqliteSearchIndex:
             if row is not None:
                 ids.append(int(row[0]))
         SqliteSearchIndex._delete_ids(conn, ids)
+
+    @staticmethod
+    def _batch_tx(conn: sqlite3.Connection,
+                  ops: Sequence[tuple[str, str, Sequence[Any]]]) -> None:
+        for kind, user_id, items in ops:
+            if kind == "index":
+                SqliteSearchIndex._index_tx(conn, items)
+            elif kind == "update":
+                SqliteSearchIndex._update_tx(conn, user_id, items)
+            elif kind == "remove":
+                SqliteSearchIndex._remove_tx(conn, user_id, items)
+            else:
+                raise ValueError(f"unknown search index write {kind!r}")
 
     @staticmethod
     def _remove_user_tx(conn: sqlite3.Connection, user_id: str) -> None:

@@ -342,3 +342,29 @@ async def test_writes_outlive_their_writer_process(tmp_path: Path) -> None:
         assert [h.message_id for h in hits] == ["m2"]
     finally:
         await index.close()
+
+
+@pytest.mark.parametrize("kind", [SqliteSearchIndex, ProcessWrittenIndex])
+async def test_a_batch_of_writes_is_one_transaction(tmp_path: Path,
+                                                    kind: type[SqliteSearchIndex]) -> None:
+    """The embedded index's write_batch (the IMAP write queue's flush): writes of several
+    kinds and users in order, all made, or none when one fails."""
+    index = kind(str(tmp_path / "search.db"))
+    await index.open()
+    try:
+        await index.index([doc(U1, "old", uid=1, body="gone soon")])
+        await index.write_batch([
+            ("index", "", [doc(U1, "a", uid=2, body="apple"), doc(U2, "b", uid=1, body="pear")]),
+            ("update", U1, [DocState("a", "inbox", 2, int(Flag.SEEN), (), T0, 1000)]),
+            ("remove", U1, ["old"]),
+        ])
+        assert await index.indexed_ids(U1) == {"a"}
+        assert await index.indexed_ids(U2) == {"b"}
+        seen = await index.search(U1, And((Words("apple"), HasFlag(Flag.SEEN))))
+        assert [h.message_id for h in seen] == ["a"]
+        with pytest.raises(ValueError):
+            await index.write_batch([("index", "", [doc(U2, "c", uid=2, body="plum")]),
+                                     ("rename", U2, [])])
+        assert await index.indexed_ids(U2) == {"b"}  # the batch's first write undone too
+    finally:
+        await index.close()

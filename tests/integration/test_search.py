@@ -481,3 +481,36 @@ async def test_queued_index_writes_share_transactions_and_searches_do_not_wait(
     assert sorted(await found(s, alice, "whiskey")) == sorted(r.message_id for r in added)
     assert time.monotonic() - started < 5
     assert calls == [8]  # one index call for the eight
+
+
+@pytest.mark.parametrize("batch_fails", [False, True])
+async def test_a_flush_of_the_queue_is_one_index_transaction(
+        node: Postroom, alice: User, batch_fails: bool) -> None:
+    """The queue's writes of every kind and user go to the index as one write_batch (one
+    commit, one round trip to its writer process); if that fails, one by one instead, and
+    none is lost either way."""
+    s = node.service
+    assert s.indexer is not None
+    bob = await s.add_user("bob@example.test", "bob-secret-22")
+    old = await s.append(alice, "INBOX", raw("Old", body="tango old"))
+    batches: list[list[str]] = []
+    real = node.search.write_batch  # type: ignore[attr-defined]
+
+    async def watched(ops: Sequence[tuple[str, str, Sequence[object]]]) -> None:
+        batches.append([kind for kind, _, _ in ops])
+        if batch_fails:
+            raise RuntimeError("the index said no")
+        await real(ops)
+
+    node.search.write_batch = watched  # type: ignore[attr-defined]
+    s.indexer.linger = 30.0
+    a = await s.append(alice, "INBOX", raw("New", body="tango alpha"), index_later=True)
+    b = await s.append(bob, "INBOX", raw("New", to="bob@example.test", body="tango bravo"),
+                       index_later=True)
+    await s.store_flags(alice, [a.message_id], add=["\\Seen"], index_later=True)
+    await s.store_flags(bob, [b.message_id], add=["\\Flagged"], index_later=True)
+    await s.expunge(alice, [old.message_id], index_later=True)
+    assert await found(s, alice, "tango is:read") == [a.message_id]
+    assert batches == [["index", "update", "update", "remove"]]
+    assert await found(s, bob, "tango is:starred") == [b.message_id]
+    assert await node.search.indexed_ids(alice.user_id) == {a.message_id}
