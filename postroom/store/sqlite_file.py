@@ -450,7 +450,7 @@ class SqliteFile:
                 self._wal_fd = None
             self._wal_fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
             self._wal_id = (st.st_dev, st.st_ino)
-        os.fsync(self._wal_fd)
+        os.fdatasync(self._wal_fd)  # as SQLite syncs its own files: the data, and the size
 
     def _checkpoint(self) -> None:
         """Copy the WAL into the database (writer thread), without blocking writers or readers;
