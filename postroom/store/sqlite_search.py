@@ -30,7 +30,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from postroom.store.search import (
     MAX_IMAP_TEXT,
@@ -54,9 +54,7 @@ from postroom.store.search import (
     Sort,
     Words,
 )
-
-if TYPE_CHECKING:
-    from postroom.analysis import AnalysisPool
+from postroom.store.workers import WorkerLost, WorkerPool
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -313,7 +311,7 @@ class SqliteSearchIndex:
         self._write_conn: sqlite3.Connection | None = None
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._process: AnalysisPool | None = None
+        self._process: WorkerPool | None = None
 
     # ---- plumbing
 
@@ -338,8 +336,6 @@ class SqliteSearchIndex:
         on the writer thread. `fn` is a function of this module or class (it is pickled by
         name for the process) and its arguments are plain data."""
         if self._process is not None:
-            from postroom.analysis import WorkerLost
-
             try:
                 return await self._process.call(_write_in_process, self.path, fn, args)
             except WorkerLost as exc:
@@ -357,10 +353,8 @@ class SqliteSearchIndex:
         """Write from now on in a process of its own (`postroom serve`): FTS5 tokenizes in
         SQLite without the GIL, but a writer thread still takes the GIL between statements,
         hundreds of times a second, from an event loop that is busy with every session."""
-        from postroom.analysis import AnalysisPool
-
         if self._process is None:
-            self._process = AnalysisPool(processes=1, name="postroom-search-writer")
+            self._process = WorkerPool(processes=1, name="postroom-search-writer")
             await self._process.start()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
