@@ -353,9 +353,16 @@ class SqliteSearchIndex:
         """Write from now on in a process of its own (`postroom serve`): FTS5 tokenizes in
         SQLite without the GIL, but a writer thread still takes the GIL between statements,
         hundreds of times a second, from an event loop that is busy with every session."""
-        if self._process is None:
-            self._process = WorkerPool(processes=1, name="postroom-search-writer")
-            await self._process.start()
+        if self._process is not None:
+            return
+        process = WorkerPool(processes=1, name="postroom-search-writer")
+        try:
+            await process.start()
+        except OSError as exc:  # no process to be had (a limit): the thread writes, as before
+            log.warning("search index writer process not started (%s); writing on a thread",
+                        exc)
+            return
+        self._process = process
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:

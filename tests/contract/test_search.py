@@ -368,3 +368,22 @@ async def test_a_batch_of_writes_is_one_transaction(tmp_path: Path,
         assert await index.indexed_ids(U2) == {"b"}  # the batch's first write undone too
     finally:
         await index.close()
+
+
+async def test_without_a_writer_process_the_thread_writes(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No process to be had (a process limit): `serve` goes on, the writer thread writing."""
+    from postroom.store.workers import WorkerPool
+
+    async def refuse(self: WorkerPool) -> None:
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(WorkerPool, "start", refuse)
+    index = ProcessWrittenIndex(str(tmp_path / "search.db"))
+    await index.open()
+    try:
+        assert index._process is None
+        await index.index([doc(U1, "m1", uid=1, body="alpha")])
+        assert await index.indexed_ids(U1) == {"m1"}
+    finally:
+        await index.close()
