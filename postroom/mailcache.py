@@ -18,9 +18,12 @@ piling up between changes.
 
 The cache is an accelerator, never a dependency: when it cannot be reached a read goes to the
 store and is not cached. An invalidation that fails (the cache is down) is logged; entries
-written before it are then bounded by their time to live (`ttl`, a minute by default), which
-matters only if the cache stayed up with its data while this node could not reach it. A Redis
-restart without persistence, the usual set-up for a cache, forgets everything anyway.
+written before it are then bounded by their time to live (`ttl`, a minute by default) on other
+nodes, while the node that made the change reads that user's mail past the cache, trying the
+invalidation again at each read, until it succeeds (an invalidation is tried twice at once: the
+first command on a connection that a cache restart broke fails, the next reconnects). A Redis
+restart without persistence, the usual set-up for a cache, forgets everything anyway; entries
+filed after it, before an invalidation that failed, are what the retries are for.
 """
 
 from __future__ import annotations
@@ -95,10 +98,16 @@ class MailCache:
     def __init__(self, cache: Cache, ttl: float = DEFAULT_TTL) -> None:
         self.cache = cache
         self.ttl = ttl
+        # users whose invalidation failed here: their reads pass the cache by until a retry
+        # of it succeeds (a change made here is never followed by a stale read here)
+        self._unsure: set[str] = set()
 
     async def generation(self, user_id: str) -> str | None:
         """The user's current generation (installing one when there is none); None when the
-        cache cannot be reached (then nothing is cached)."""
+        cache cannot be reached, or a failed invalidation of the user's entries still cannot
+        be made (then nothing is cached)."""
+        if user_id in self._unsure and not await self._drop(user_id):
+            return None
         key = user_prefix(user_id) + "gen"
         try:
             found = await self.cache.get(key)
@@ -141,11 +150,23 @@ class MailCache:
 
     async def changed(self, user_id: str) -> None:
         """Forget everything cached for the user (call after the change is committed)."""
+        # Twice: a connection that a restart of the cache broke fails once, and the client
+        # then connects afresh.
+        if await self._drop(user_id) or await self._drop(user_id):
+            return
+        self._unsure.add(user_id)
+        log.warning("cache invalidation for user %s failed; this node reads past the cache "
+                    "for them until it succeeds, other nodes' entries expire within %.0f s",
+                    user_id, self.ttl)
+
+    async def _drop(self, user_id: str) -> bool:
         try:
             await self.cache.delete_prefix(user_prefix(user_id))
-        except StoreError:
-            log.warning("cache invalidation for user %s failed; entries expire within %.0f s",
-                        user_id, self.ttl)
+        except StoreError as exc:
+            log.debug("cache invalidation failed: %s", exc)
+            return False
+        self._unsure.discard(user_id)
+        return True
 
 
 # Encoders for the shapes MailService caches.

@@ -19,6 +19,7 @@ from postroom.app import Postroom
 from postroom.config import load_settings
 from postroom.core.models import MessageRecord, User
 from postroom.service import MailService, NotFoundError
+from postroom.store.errors import StoreError
 from tests.engines import require_redis, unique_name
 
 PASSWORD = "alice-secret-1"
@@ -212,3 +213,31 @@ async def test_a_slow_reader_cannot_file_a_stale_listing(
     assert fresh.messages[0].flags.names() == ["\\Seen"]
     fresh_a = await a.service.list_messages(user, "INBOX")
     assert fresh_a.messages[0].flags.names() == ["\\Seen"]
+
+
+async def test_a_failed_invalidation_never_shows_a_stale_listing_here(
+        nodes: tuple[Postroom, Postroom]) -> None:
+    """The cache unreachable for a change's invalidation (both tries), then back: the node
+    that made the change shows it at its next read, whether the cache is back by then or not,
+    and caches again once an invalidation gets through."""
+    a, _ = nodes
+    alice = await a.service.add_user("alice@example.test", PASSWORD)
+    await a.service.append(alice, "INBOX", _message("first"))
+    assert set(await _inbox(a.service, alice)) == {"first"}  # now cached
+    cache = a.service.mail_cache.cache
+    real = cache.delete_prefix
+    failing = {"left": 3}  # both tries of the change, then the first read's retry
+
+    async def unreachable(prefix: str) -> None:
+        if failing["left"] > 0:
+            failing["left"] -= 1
+            raise StoreError("Error 111 connecting to the cache. Connection refused.")
+        await real(prefix)
+
+    cache.delete_prefix = unreachable  # type: ignore[method-assign]
+    await a.service.append(alice, "INBOX", _message("second"))
+    reads = CountingReads(a.service, "list_messages")
+    assert set(await _inbox(a.service, alice)) == {"first", "second"}  # still unreachable
+    assert set(await _inbox(a.service, alice)) == {"first", "second"}  # back: dropped now
+    assert set(await _inbox(a.service, alice)) == {"first", "second"}  # and cached again
+    assert reads.calls == 2
